@@ -1,0 +1,1 @@
+"""The on-device runtime: numpy plus onnxruntime or executorch, never torch, transformers or peft."""
