@@ -165,6 +165,8 @@ def make_target(name: str, shape: Iterable[int], indices, values, *, base_digest
                 dtype: str = "fp32") -> ShiraTarget:
     """A target from entries in any order: sorted by position (values with them) and stored as `dtype`."""
     idx = np.asarray(indices)
+    if idx.size == 0:  # an empty list comes in as float64
+        idx = idx.astype(np.int64)
     if idx.dtype.kind not in "iu":
         raise ShiraFormatError(f"target {name!r}: indices must be integers, got {idx.dtype}")
     idx = idx.astype(np.int64).reshape(-1)
@@ -380,7 +382,7 @@ class _Reader:
             header = json.loads(self.buf[PREFIX.size:data_start].tobytes().decode("utf-8"),
                                 parse_constant=_reject_constant)
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            self.fail(f"header at offset {PREFIX.size}", f"not valid UTF-8 JSON: {_short(str(exc), 120)}")
+            self.fail(f"header at offset {PREFIX.size}", f"not valid UTF-8 JSON: {str(exc)[:120]}")
         if not isinstance(header, dict):
             self.fail(f"header at offset {PREFIX.size}", "must be a JSON object")
         return header, data_start
