@@ -1,0 +1,6 @@
+"""shira-edge's SHiRA tuner, on top of PEFT: masks (`masks`), a copy-free SHiRA training layer (`layer`),
+model wrapping with input checks (`model`) and the training loop (`train`).
+
+    >>> from shira_edge.tuner.train import train_adapter             # doctest: +SKIP
+    >>> train_adapter("tiny-opt", "notes.txt", "adapter/", mask="wm", r=4, steps=20).eval_loss   # doctest: +SKIP
+"""
