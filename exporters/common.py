@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -33,6 +34,13 @@ class Stages:
             print(f"[{name}] done in {self.seconds[name]:.2f} s", file=self.stream, flush=True)
 
 
+def usual_permissions(path: Path) -> None:
+    """chmod a file or dir to what a plain open()/mkdir() would have given it under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextmanager
 def staged_output_dir(out_dir: str | Path, force: bool = False):
     """Yield a temp dir beside `out_dir`; on success it replaces `out_dir`, on any error it is removed.
@@ -47,6 +55,7 @@ def staged_output_dir(out_dir: str | Path, force: bool = False):
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
+        usual_permissions(tmp)  # mkdtemp makes it private (0700); OUT_DIR should get what mkdir would give
     except OSError as exc:
         raise ExportError(f"cannot write to {parent}: {exc.strerror or exc}; choose a writable -o path") from None
     try:
@@ -61,3 +70,53 @@ def staged_output_dir(out_dir: str | Path, force: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def resolve_targets(model, targets) -> list[str]:
+    """`--targets`: module paths or weight names -> PyTorch weight names. Each must be an untied nn.Linear, because
+    only those are kept as one plain, patchable tensor by every exporter; anything else is refused by name."""
+    from torch import nn
+
+    modules = dict(model.named_modules())
+    shared = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(param.data_ptr(), []).append(name)
+    resolved = []
+    for target in targets:
+        path = target[: -len(".weight")] if target.endswith(".weight") else target
+        module = modules.get(path)
+        if module is None:
+            raise ExportError(f"--targets {target!r}: no such module in the model; Linear modules are e.g. "
+                              f"{next(n for n, m in modules.items() if isinstance(m, nn.Linear))}")
+        if not isinstance(module, nn.Linear):
+            raise ExportError(f"--targets {target!r}: is a {type(module).__name__}, not an nn.Linear; SHiRA adapters "
+                              f"patch Linear weights only (attention projections, fc1, fc2)")
+        others = [n for n in shared[module.weight.data_ptr()] if n != f"{path}.weight"]
+        if others:
+            raise ExportError(f"--targets {target!r}: its weight is tied to {others[0]}; patching it would change "
+                              f"both, so it is not patchable")
+        resolved.append(f"{path}.weight")
+    return resolved
+
+
+def restrict_patchable(weights: list[dict], targets: list[str]) -> None:
+    """Keep manifest entries named in `targets` patchable and mark the others not (the runtime refuses them)."""
+    chosen = set(targets)
+    for entry in weights:
+        if entry["patchable"] and entry["name"] not in chosen:
+            entry["patchable"], entry["note"] = False, "not in --targets at export"
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "added_tokens.json", "tokenizer.model", "sentencepiece.bpe.model")
+
+
+def copy_tokenizer(source: str, dest: Path) -> bool:
+    """Copy the tokenizer files of a local model dir into `dest`; False (nothing copied) when it has none."""
+    found = [Path(source) / f for f in TOKENIZER_FILES if (Path(source) / f).is_file()]
+    if not found:
+        return False
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in found:
+        shutil.copy2(f, dest / f.name)
+    return True

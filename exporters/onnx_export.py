@@ -1,0 +1,201 @@
+"""Export an OPT causal LM to ONNX (graph + aligned external weight data) and build its manifest.
+
+    >>> from shira_edge.models import load_model
+    >>> from shira_edge.exporters.common import Stages
+    >>> model, info = load_model("tiny-opt")
+    >>> import tempfile; out = tempfile.mkdtemp()
+    >>> manifest = export_onnx(model, info, out, stages=Stages(quiet=True))
+    >>> manifest["export"]["parity"]["max_abs_diff_full"] < 1e-4
+    True
+
+Steps: trace `OPTForONNX` with `torch.export` (dynamic batch, sequence, past length), lower it to ONNX, recover
+which initializer holds each Linear weight from the MatMul nodes' `pkg.torch.onnx.name_scopes` and check its values
+against PyTorch, write every large tensor to `model.onnx.data` at a 4096-byte aligned offset, read the offsets back
+from the saved graph, then verify in ONNX Runtime (onnx_verify.py). The caller writes manifest.json.
+"""
+
+from __future__ import annotations
+
+import ast
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from onnx.external_data_helper import set_external_data
+
+from .common import ExportError, usual_permissions
+from .opt_onnx import POSITION_OFFSET, OPTForONNX, adaptable_linears, io_names
+from ..runtime.fingerprint import base_fingerprint, weight_digest
+from . import onnx_verify
+
+MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
+ALIGN = 4096            # page size: each tensor can be mmapped or np.fromfile'd into its own aligned buffer
+EXTERNAL_MIN_BYTES = 1024  # smaller constants (shapes, axes) stay inline: ORT's shape inference must read them
+OPSET = 18
+TIED = {"lm_head.weight": "model.decoder.embed_tokens.weight"}
+
+
+def export_onnx(model, info, out_dir, *, stages, atol: float = 1e-4) -> dict:
+    """Write model.onnx + model.onnx.data into out_dir, verify them, and return the manifest dict."""
+    if getattr(model.config, "model_type", None) != "opt":
+        raise ExportError(f"--format onnx supports OPT models only (model_type 'opt'); {info.name!r} is "
+                          f"{getattr(model.config, 'model_type', type(model).__name__)!r}")
+    out_dir = Path(out_dir)
+    wrapper = OPTForONNX(model).eval()
+    input_names, output_names = io_names(wrapper.num_layers)
+    with stages("trace", "torch.export, dynamic batch / sequence / past length"):
+        program = _trace(wrapper)
+    with stages("lower", "ExportedProgram -> ONNX; map and check every Linear weight"):
+        proto = torch.onnx.export(program, dynamo=True, input_names=input_names, output_names=output_names,
+                                  opset_version=OPSET, optimize=True, verbose=False).model_proto
+        mapping = map_linear_weights(proto, model)
+    with stages("write", f"{MODEL_FILE} + {DATA_FILE} ({ALIGN}-byte aligned)"):
+        save_aligned(proto, out_dir, keep_external={m[0] for m in mapping.values()} | set(TIED.values()))
+        weights = weight_entries(out_dir, model, mapping)
+    with stages("verify", "ONNX Runtime: optimized graph keeps the weights; logits and KV-cache decode vs PyTorch"):
+        onnx_verify.check_optimized_graph(out_dir / MODEL_FILE, [w["tensor"] for w in weights if w["patchable"]])
+        parity = onnx_verify.check_parity(out_dir, model, weights, atol=atol)
+    return _manifest(model, info, wrapper, weights, parity, stages)
+
+
+def _trace(wrapper: OPTForONNX) -> torch.export.ExportedProgram:
+    from torch.export import Dim
+
+    # Sizes >= 2 everywhere: torch.export specializes dims that are 0 or 1 in the example. P = 0 still runs.
+    batch, seq, past_len, total = 2, 4, 3, 7
+    batch_d, seq_d, past_d, total_d = Dim("batch"), Dim("seq"), Dim("past_len", min=0), Dim("total")
+    past = [torch.zeros(batch, wrapper.heads, past_len, wrapper.head_dim) for _ in range(2 * wrapper.num_layers)]
+    args = (torch.full((batch, seq), 4), torch.ones(batch, total, dtype=torch.long),
+            torch.arange(past_len, total).repeat(batch, 1), *past)
+    # forward(input_ids, attention_mask, position_ids, *past): torch.export sees *past as one tuple argument
+    shapes = ({0: batch_d, 1: seq_d}, {0: batch_d, 1: total_d}, {0: batch_d, 1: seq_d},
+              tuple({0: batch_d, 2: past_d} for _ in past))
+    try:
+        with torch.no_grad():
+            return torch.export.export(wrapper, args, dynamic_shapes=shapes, strict=False)
+    except Exception as exc:  # torch.export errors are long; the first line says which guard failed
+        raise ExportError(f"torch.export failed on the OPT export module: {str(exc).strip().splitlines()[0]}") from exc
+
+
+def _scopes(node: onnx.NodeProto) -> list[str]:
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            return ast.literal_eval(prop.value)
+    return []
+
+
+def map_linear_weights(proto: onnx.ModelProto, model) -> dict[str, tuple[str, str]]:
+    """PyTorch weight name -> (initializer name, layout), recovered from the graph and checked value by value.
+
+    For each Linear, the one MatMul (or Gemm) that ran inside its module scope must read an initializer that is
+    used by nothing else and equals W.T (MatMul, Gemm without transB) or W (Gemm with transB=1) exactly.
+    """
+    inits = {t.name: t for t in proto.graph.initializer}
+    consumers = defaultdict(list)
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    mapping = {}
+    for path, linear in adaptable_linears(model).items():
+        hits = [n for n in proto.graph.node
+                if n.op_type in ("MatMul", "Gemm") and path in _scopes(n) and n.input[1] in inits]
+        if len(hits) != 1:
+            raise ExportError(f"{path}: expected one MatMul/Gemm reading a weight initializer in module scope "
+                              f"{path}, found {[n.name for n in hits]}; the ONNX graph layout changed")
+        node, tensor = hits[0], hits[0].input[1]
+        if len(consumers[tensor]) != 1:
+            raise ExportError(f"{path}: initializer {tensor} is shared by {len(consumers[tensor])} nodes; "
+                              f"patching it would change more than {path}")
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        layout = "as_is" if node.op_type == "Gemm" and trans_b else "transposed"
+        weight = linear.weight.detach().numpy()
+        expected = weight if layout == "as_is" else weight.T
+        if not np.array_equal(numpy_helper.to_array(inits[tensor]), expected):
+            raise ExportError(f"{path}: initializer {tensor} does not equal the PyTorch weight ({layout})")
+        mapping[f"{path}.weight"] = (tensor, layout)
+    return mapping
+
+
+def save_aligned(proto: onnx.ModelProto, out_dir: Path, keep_external: set[str]) -> None:
+    """Save the graph with large tensors (and every name in keep_external) in DATA_FILE at ALIGN-ed offsets."""
+    offset = 0
+    for tensor in proto.graph.initializer:
+        if tensor.name not in keep_external and len(tensor.raw_data) < EXTERNAL_MIN_BYTES:
+            continue
+        offset = -(-offset // ALIGN) * ALIGN
+        # onnx's writer pads up to a preset offset (and checks it), in initializer order.
+        set_external_data(tensor, DATA_FILE, offset=offset)
+        offset += len(tensor.raw_data)
+    onnx.save_model(proto, out_dir / MODEL_FILE)
+    usual_permissions(out_dir / DATA_FILE)  # onnx creates it 0600; it ships with the model
+
+
+def weight_entries(out_dir: Path, model, mapping: dict[str, tuple[str, str]]) -> list[dict]:
+    """Manifest entries with file/offset/nbytes read back from the saved graph; the bytes there must equal W."""
+    from .manifest import weight_entry
+
+    saved = onnx.load(str(out_dir / MODEL_FILE), load_external_data=False)
+    where = {t.name: {e.key: e.value for e in t.external_data} for t in saved.graph.initializer}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    todo = [(name, tensor, layout, True, None) for name, (tensor, layout) in mapping.items()]
+    todo += [(name, tied, "as_is", False, f"tied to {tied}; not patchable") for name, tied in TIED.items()]
+    entries = []
+    for name, tensor, layout, patchable, note in todo:
+        ext = where.get(tensor, {})
+        if ext.get("location") != DATA_FILE:
+            raise ExportError(f"{name}: initializer {tensor} is not in {DATA_FILE}")
+        offset, nbytes = int(ext["offset"]), int(ext["length"])
+        weight = params[name].detach().numpy()
+        stored = np.fromfile(out_dir / DATA_FILE, dtype="<f4", count=nbytes // 4, offset=offset)
+        stored = stored.reshape(weight.shape if layout == "as_is" else weight.T.shape)
+        if offset % ALIGN or not np.array_equal(stored if layout == "as_is" else stored.T, weight):
+            raise ExportError(f"{name}: bytes at {DATA_FILE}:{offset} are misaligned or differ from the weight")
+        entries.append(weight_entry(name, weight.shape, tensor, layout, DATA_FILE, offset, nbytes,
+                                    weight_digest(weight), patchable=patchable, note=note))
+    return entries
+
+
+def _manifest(model, info, wrapper: OPTForONNX, weights: list[dict], parity: dict, stages) -> dict:
+    import onnxruntime
+
+    cfg = model.config
+    inputs, outputs = io_names(wrapper.num_layers)
+    return {
+        "format_version": 1,
+        "backend": "onnxruntime",
+        "model": info.to_json(),
+        "fingerprint": base_fingerprint({w["name"]: (w["shape"], w["digest"]) for w in weights}),
+        "weights": weights,
+        "io": {
+            "inputs": inputs, "outputs": outputs,
+            "dtypes": {"input_ids": "int64", "attention_mask": "int64", "position_ids": "int64",
+                       "past": "float32", "logits": "float32"},
+            "cache": {
+                "num_layers": wrapper.num_layers, "num_heads": wrapper.heads, "head_dim": wrapper.head_dim,
+                "layout": "[batch, num_heads, past_len, head_dim]", "initial_past_len": 0,
+                "past": [n for n in inputs if n.startswith("past.")],
+                "present": [n for n in outputs if n.startswith("present.")],
+            },
+            # position_ids are 0-based (cumsum(attention_mask) - 1 for the new tokens); the graph adds OPT's +2.
+            "position_ids": "0-based", "position_offset_in_graph": POSITION_OFFSET,
+            "max_positions": cfg.max_position_embeddings,
+            "vocab_size": cfg.vocab_size, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+            "pad_token_id": cfg.pad_token_id,
+        },
+        "files": {
+            "model": MODEL_FILE, "data": DATA_FILE, "alignment": ALIGN, "tokenizer": None,
+            "graph_optimization_level": onnx_verify.OPT_LEVEL,
+            # ORT prepacks constant MatMul weights into private copies; without this, patches made in place in
+            # buffers given through SessionOptions.add_initializer are silently ignored (see docs/exporters.md).
+            "session_config": dict(onnx_verify.SESSION_CONFIG),
+        },
+        "export": {
+            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "opset": OPSET, "parity": parity, "stage_seconds": dict(stages.seconds),
+        },
+    }

@@ -1,0 +1,123 @@
+"""Check an exported ONNX model the way the runtime will run it: through ONNX Runtime, with every patchable weight
+handed in from a buffer we own (SessionOptions.add_initializer), at the graph optimization level we ship.
+
+    check_optimized_graph(model_path, names)  # each weight is still an initializer feeding a MatMul after ORT's passes
+    check_parity(out_dir, hf_model, weights)  # full forward and prefill + token-by-token decode vs PyTorch logits
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from .common import ExportError
+
+# EXTENDED: ORT's fusions (LayerNorm, MatMul+scale, transposes) without level-3 hardware-specific layouts, so an
+# optimized model is portable across CPUs. The adaptable weights survive it untouched (checked per export).
+OPT_LEVEL = "ORT_ENABLE_EXTENDED"
+# Prepacking copies constant MatMul weights into ORT-private buffers, which hides in-place patches.
+SESSION_CONFIG = {"session.disable_prepacking": "1"}
+WEIGHT_READERS = ("MatMul", "Gemm", "FusedMatMul")
+PREFILL = 3  # the decode check prefills this many tokens, then feeds the rest one at a time
+
+
+def session_options(optimized_path: str | None = None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVEL)
+    for key, value in SESSION_CONFIG.items():
+        so.add_session_config_entry(key, value)
+    if optimized_path:
+        so.optimized_model_filepath = optimized_path
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "opt.onnx.data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    return so
+
+
+def check_optimized_graph(model_path: Path, tensor_names: list[str]) -> None:
+    """Each name must still be an initializer read only by MatMul/Gemm nodes in ORT's optimized graph; else the
+    runtime's add_initializer override would miss a folded or fused copy."""
+    with tempfile.TemporaryDirectory() as tmp:
+        optimized = str(Path(tmp) / "opt.onnx")
+        ort.InferenceSession(str(model_path), session_options(optimized), providers=["CPUExecutionProvider"])
+        graph = onnx.load(optimized, load_external_data=False).graph
+    inits = {t.name for t in graph.initializer}
+    for name in tensor_names:
+        readers = {n.op_type for n in graph.node if name in n.input}
+        if name not in inits or not readers or not readers <= set(WEIGHT_READERS):
+            raise ExportError(f"{name}: after ONNX Runtime optimization ({OPT_LEVEL}) it is "
+                              f"{'read by ' + str(sorted(readers)) if name in inits else 'gone'}; "
+                              f"the runtime could not patch it")
+
+
+def open_session(out_dir: Path, weights: list[dict]) -> tuple[ort.InferenceSession, list[np.ndarray]]:
+    """A session whose patchable weights live in numpy buffers read from the data file (as the runtime does).
+    Returns the buffers too: ORT reads them directly, so they must outlive the session."""
+    so = session_options()
+    keep = []
+    for w in (w for w in weights if w["patchable"]):
+        out, inp = w["shape"]
+        buf = np.fromfile(Path(out_dir) / w["file"], dtype="<f4", count=w["nbytes"] // 4, offset=w["offset"])
+        buf = buf.reshape((out, inp) if w["layout"] == "as_is" else (inp, out))
+        value = ort.OrtValue.ortvalue_from_numpy(buf)
+        so.add_initializer(w["tensor"], value)
+        keep += [buf, value]
+    sess = ort.InferenceSession(str(Path(out_dir) / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    return sess, keep
+
+
+def parity_prompt(vocab_size: int, bos: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed batch of 2 x 10 tokens; the second row is left-padded by 3, so the mask input is exercised too."""
+    ids = np.random.default_rng(0).integers(4, vocab_size, size=(2, 10), dtype=np.int64)
+    ids[:, 0] = bos
+    mask = np.ones_like(ids)
+    ids[1, :3], mask[1, :3] = pad, 0
+    ids[1, 3] = bos
+    return ids, mask
+
+
+def run(sess, num_layers: int, ids, mask, positions, past=None):
+    """One step: returns (logits, present list)."""
+    batch = ids.shape[0]
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    if past is None:
+        meta = {i.name: i.shape for i in sess.get_inputs()}
+        _, heads, _, head_dim = meta["past.0.key"]
+        past = [np.zeros((batch, heads, 0, head_dim), np.float32) for _ in range(2 * num_layers)]
+    for i in range(num_layers):
+        feeds[f"past.{i}.key"], feeds[f"past.{i}.value"] = past[2 * i], past[2 * i + 1]
+    logits, *present = sess.run(None, feeds)
+    return logits, present
+
+
+def check_parity(out_dir: Path, hf_model, weights: list[dict], atol: float = 1e-4) -> dict:
+    cfg = hf_model.config
+    ids, mask = parity_prompt(cfg.vocab_size, cfg.bos_token_id, cfg.pad_token_id)
+    positions = (np.cumsum(mask, axis=1) * mask - 1).astype(np.int64)  # what OPT itself derives from the mask
+    with torch.no_grad():
+        expected = hf_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    sess, _buffers = open_session(out_dir, weights)
+    layers = cfg.num_hidden_layers
+    full, _ = run(sess, layers, ids, mask, positions)
+    steps, present = [], None
+    for start, stop in [(0, PREFILL)] + [(t, t + 1) for t in range(PREFILL, ids.shape[1])]:
+        logits, present = run(sess, layers, ids[:, start:stop], mask[:, :stop], positions[:, start:stop], present)
+        steps.append(logits)
+    decoded = np.concatenate(steps, axis=1)
+    real = mask.astype(bool)  # padded positions have no meaningful logits in either model
+    result = {
+        "prompt": f"batch {ids.shape[0]} x {ids.shape[1]} tokens (seed 0), row 1 left-padded by 3",
+        "max_abs_diff_full": float(np.abs(full - expected)[real].max()),
+        "max_abs_diff_decode": float(np.abs(decoded - expected)[real].max()),
+        "decode": f"prefill {PREFILL} then 1 token per step with the KV cache",
+        "atol": atol,
+    }
+    for key in ("max_abs_diff_full", "max_abs_diff_decode"):
+        if not result[key] <= atol:  # also catches NaN
+            raise ExportError(f"parity check failed: {key} = {result[key]:.3g} > {atol:g} (ONNX Runtime vs PyTorch "
+                              f"logits on the fixed prompt); the export is wrong, nothing was written")
+    return result

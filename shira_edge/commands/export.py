@@ -1,0 +1,114 @@
+"""`shira-edge export`: write a base model (optionally with an adapter fused in) to ONNX or ExecuTorch, plus the
+manifest.json the runtime trusts.
+
+    shira-edge export --model opt-125m --random-init -o out/
+    shira-edge export --model tiny-opt --format executorch --adapter adapter.shira -o out-et/
+
+OUT_DIR is built in a temp dir beside it and renamed into place only after the parity check passed, so a failed
+export leaves nothing behind. Stages (load, trace, lower, write, verify) print their time on stderr.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+FORMATS = ("onnx", "executorch")
+
+
+@click.command("export")
+@click.option("--model", "model_name", required=True, help="Alias (opt-125m, tiny-opt), hub id, or save_pretrained dir.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="onnx", show_default=True)
+@click.option("--adapter", type=click.Path(), default=None,
+              help="Fuse this adapter first: a PEFT adapter dir or a .shira file.")
+@click.option("--targets", default=None,
+              help="Comma-separated Linear modules to keep patchable (default: every untied Linear).")
+@click.option("--random-init", is_flag=True, help="Seeded random weights from the model's config (works offline).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random-init.")
+@click.option("--max-seq-len", type=int, default=256, show_default=True,
+              help="ExecuTorch only: size of the static KV cache.")
+@click.option("--atol", type=float, default=1e-4, show_default=True,
+              help="Parity tolerance: max abs logit difference vs PyTorch (fp32).")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Output directory (OUT_DIR).")
+def export(model_name, fmt, adapter, targets, random_init, seed, max_seq_len, atol, force, out_dir):
+    """Export a model to ONNX (default) or ExecuTorch, with a manifest of every adaptable weight."""
+    from shira_edge.exporters.common import ExportError, Stages
+
+    try:
+        manifest = run_export(model_name, fmt=fmt, adapter=adapter, targets=_split(targets), random_init=random_init,
+                              seed=seed, max_seq_len=max_seq_len, atol=atol, force=force, out_dir=out_dir,
+                              stages=Stages())
+    except ExportError as exc:
+        raise click.ClickException(str(exc)) from None
+    parity = manifest["export"].get("parity", {})
+    patchable = sum(w["patchable"] for w in manifest["weights"])
+    click.echo(f"wrote {Path(out_dir)} ({manifest['backend']}): {patchable} patchable weights, "
+               f"fingerprint {manifest['fingerprint'][:19]}..., parity {_parity_text(parity)}")
+
+
+def run_export(model_name, *, fmt="onnx", adapter=None, targets=(), random_init=False, seed=0, max_seq_len=256,
+               atol=1e-4, force=False, out_dir, stages) -> dict:
+    """The whole export; returns the manifest written to out_dir. Raises ExportError with a one-line reason."""
+    from shira_edge.exporters.common import (ExportError, copy_tokenizer, resolve_targets, restrict_patchable,
+                                             staged_output_dir)
+    from shira_edge.exporters.manifest import write_manifest
+    from shira_edge.models import ModelNotAvailable, load_model, resolve
+
+    try:
+        resolve(model_name)  # an unknown name fails here, before OUT_DIR is touched or torch is imported
+    except ModelNotAvailable as exc:
+        raise ExportError(f"--model: {exc}") from None
+    with staged_output_dir(out_dir, force=force) as tmp:
+        with stages("load", model_name + (f" + adapter {adapter}" if adapter else "")):
+            try:
+                model, info = load_model(model_name, random_init=random_init, seed=seed)
+            except ModelNotAvailable as exc:
+                raise ExportError(f"--model: {exc}") from None
+            fused = None
+            if adapter:
+                from shira_edge.exporters.fuse_adapter import fuse_adapter
+
+                model, fused = fuse_adapter(model, adapter)
+            chosen = resolve_targets(model, targets) if targets else None
+        if fmt == "onnx":
+            from shira_edge.exporters.onnx_export import export_onnx
+
+            manifest = export_onnx(model, info, tmp, stages=stages, atol=atol)
+        else:
+            from shira_edge.exporters.executorch_export import export_executorch
+
+            manifest = export_executorch(model, info, tmp, stages=stages, max_seq_len=max_seq_len, targets=chosen,
+                                         atol=atol)
+        if chosen:
+            restrict_patchable(manifest["weights"], chosen)
+        tokenizer = _copy_tokenizer(info.source, tmp / "tokenizer", copy_tokenizer)
+        manifest.setdefault("files", {})["tokenizer"] = "tokenizer" if tokenizer else None
+        manifest["export"].update({"adapter": fused, "stage_seconds": dict(stages.seconds)})
+        try:
+            write_manifest(tmp, manifest)
+        except OSError as exc:
+            raise ExportError(f"cannot write {out_dir}: {exc.strerror or exc}") from None
+    return manifest
+
+
+def _copy_tokenizer(source: str, dest: Path, copy_tokenizer) -> bool:
+    if Path(source).is_dir():
+        return copy_tokenizer(source, dest)
+    try:  # a hub id: only what the local cache already holds (offline)
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(source, local_files_only=True).save_pretrained(dest)
+        return True
+    except Exception:  # noqa: BLE001 - no tokenizer in the cache is normal for --random-init
+        return False
+
+
+def _split(targets: str | None) -> list[str]:
+    return [t.strip() for t in targets.split(",") if t.strip()] if targets else []
+
+
+def _parity_text(parity: dict) -> str:
+    nums = {k: v for k, v in parity.items() if "diff" in k and isinstance(v, float)}
+    return ", ".join(f"{k} {v:.2e}" for k, v in nums.items()) or "n/a"
