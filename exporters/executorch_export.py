@@ -1,0 +1,285 @@
+"""Export an OPT model to ExecuTorch (XNNPACK, fp32, static KV cache) with its weights in a separate, patchable .ptd.
+
+    >>> from pathlib import Path
+    >>> from shira_edge.models import load_model
+    >>> from shira_edge.exporters.common import Stages
+    >>> model, info = load_model("tiny-opt")
+    >>> manifest = export_executorch(model, info, Path("/tmp/tiny-et"), stages=Stages(), max_seq_len=32)  # doctest: +SKIP
+    >>> manifest["files"], manifest["export"]["parity"]["full_max_abs_diff"] < 1e-4                       # doctest: +SKIP
+    ({'program': 'model.pte', 'data': 'model.ptd'}, True)
+
+Pipeline: `OptStaticCache` -> `torch.export` (dynamic seq) -> tag every constant for the external file "model"
+-> `to_edge_transform_and_lower(XnnpackPartitioner)` -> `to_executorch(external_constants=...)` -> model.pte +
+model.ptd. XNNPACK serializes each Linear weight fp32 in PyTorch (out, in) layout under a named-data key that is the
+SHA-256 of its bytes; the mapping below is found from those bytes and then checked byte for byte, never assumed.
+The runtime patches a private copy of model.ptd and loads the program again, which makes XNNPACK repack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shira_edge.exporters.common import ExportError, Stages
+from shira_edge.exporters.manifest import FORMAT_VERSION, weight_entry
+from shira_edge.runtime.fingerprint import base_fingerprint, weight_digest
+
+PROGRAM_FILE = "model.pte"
+DATA_TAG = "model"                  # ExecuTorch names the external data file <tag>.ptd
+DATA_FILE = f"{DATA_TAG}.ptd"
+METHOD = "forward"
+PARITY_TOL = 1e-4                   # fp32: max abs logit difference allowed between ExecuTorch and PyTorch
+PROMPT_LEN = 16
+
+
+def export_executorch(model, info, out_dir: Path, *, stages: Stages, max_seq_len: int = 256,
+                      targets=None, **_ignored) -> dict[str, Any]:
+    """Write model.pte + model.ptd into `out_dir`, verify them, and return the manifest dict (not written here).
+
+    `targets`: optional PyTorch weight names the caller wants patchable; one that is not a patchable Linear weight
+    of this export raises ExportError. Other keyword arguments (meant for other formats) are ignored.
+    """
+    import torch
+
+    from shira_edge.exporters.opt_executorch import OptStaticCache
+
+    if getattr(model.config, "model_type", None) != "opt":
+        raise ExportError(f"--format executorch supports OPT models only, got model_type "
+                          f"{getattr(model.config, 'model_type', None)!r}; use --format onnx")
+    if not 2 <= max_seq_len <= model.config.max_position_embeddings:
+        raise ExportError(f"max_seq_len {max_seq_len} must be in 2..{model.config.max_position_embeddings} "
+                          f"(the model's max_position_embeddings)")
+    out_dir = Path(out_dir)
+    model = model.float().eval()
+    wrapper = OptStaticCache(model, max_seq_len).eval()
+
+    with stages("trace", f"torch.export, dynamic seq 1..{max_seq_len}"), torch.no_grad():
+        ep = _export(wrapper, max_seq_len)
+    with stages("lower", "to_edge_transform_and_lower(XNNPACK) -> to_executorch"):
+        program = _lower(ep)
+    with stages("write", f"{PROGRAM_FILE} + {DATA_FILE}"):
+        (out_dir / PROGRAM_FILE).write_bytes(program.buffer)
+        program.write_tensor_data_to_file(str(out_dir))
+        if not (out_dir / DATA_FILE).is_file():
+            raise ExportError(f"ExecuTorch did not write {DATA_FILE} into {out_dir}; the weights would be inside "
+                              f"the .pte and not patchable")
+    with stages("verify", "weight map byte check, logits parity, cache decode parity"):
+        weights = map_linear_weights(model, (out_dir / DATA_FILE).read_bytes())
+        _check_targets(weights, targets)
+        parity = check_parity(model, out_dir, max_seq_len)
+
+    cfg = model.config
+    fingerprint = base_fingerprint({w["name"]: (w["shape"], w["digest"]) for w in weights})
+    return {
+        "format_version": FORMAT_VERSION,
+        "backend": "executorch",
+        "model": info.to_json(),
+        "fingerprint": fingerprint,
+        "weights": weights,
+        "io": io_spec(cfg, wrapper),
+        "files": {"program": PROGRAM_FILE, "data": DATA_FILE},
+        "export": {
+            "versions": _versions(),
+            "partitioner": "XnnpackPartitioner (fp32)",
+            "seconds": dict(stages.seconds),
+            "bytes": {PROGRAM_FILE: (out_dir / PROGRAM_FILE).stat().st_size,
+                      DATA_FILE: (out_dir / DATA_FILE).stat().st_size},
+            "parity": parity,
+        },
+    }
+
+
+def _export(wrapper, max_seq_len: int):
+    """torch.export twice: the first unlifted graph is where ExecuTorch's tagging pass can mark every constant
+    (delegated ones too) for the external file; re-exporting carries the tag into XNNPACK's named data."""
+    import torch
+    from executorch.exir.passes.external_constants_pass import delegate_external_constants_pass_unlifted
+    from torch.export import Dim
+
+    seq = Dim("seq", min=1, max=max_seq_len)
+    n = min(8, max_seq_len)
+    example = (torch.full((1, n), 2, dtype=torch.long), torch.arange(n))
+    dynamic = ({1: seq}, {0: seq})
+    unlifted = torch.export.export(wrapper, example, dynamic_shapes=dynamic, strict=True).module()
+    delegate_external_constants_pass_unlifted(unlifted, gen_tag_fn=lambda node: DATA_TAG)
+    return torch.export.export(unlifted, example, dynamic_shapes=dynamic, strict=True)
+
+
+def _lower(ep):
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+
+    edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+    # external_constants also sends the non-delegated constants (embeddings, LayerNorms) to the .ptd
+    return edge.to_executorch(ExecutorchBackendConfig(external_constants=lambda node: DATA_TAG))
+
+
+def ptd_index(data: bytes) -> dict[str, tuple[int, int, int]]:
+    """{named-data key: (absolute byte offset, nbytes, segment index)} of a .ptd (ExecuTorch flat tensor) file."""
+    from executorch.extension.flat_tensor.serialize.serialize import (
+        FlatTensorHeader,
+        _deserialize_to_flat_tensor,
+    )
+
+    header = FlatTensorHeader.from_bytes(data[8:])
+    if not header.is_valid():
+        raise ExportError(f"{DATA_FILE}: not an ExecuTorch flat tensor file (bad header)")
+    flat = _deserialize_to_flat_tensor(data[: header.flatbuffer_offset + header.flatbuffer_size])
+    index = {}
+    for named in flat.named_data:
+        seg = flat.segments[named.segment_index]
+        index[named.key] = (header.segment_base_offset + seg.offset, seg.size, named.segment_index)
+    return index
+
+
+def map_linear_weights(model, ptd: bytes) -> list[dict[str, Any]]:
+    """One manifest entry per nn.Linear weight of `model`, located in the .ptd bytes and verified byte for byte.
+
+    XNNPACK keys a delegated constant by the SHA-256 of its serialized bytes, so a weight is found under the hash of
+    its (out, in) bytes ("as_is") or of its transpose ("transposed"). The data serializer stores identical byte
+    blobs once, so a weight whose segment other keys share is reported as not patchable (patching it would change
+    those too): that is how OPT's lm_head, tied to embed_tokens, comes out.
+    """
+    import torch
+
+    index = ptd_index(ptd)
+    keys_per_segment: dict[int, list[str]] = {}
+    for key, (_, _, seg) in index.items():
+        keys_per_segment.setdefault(seg, []).append(key)
+    tied = _tied_names(model)
+
+    entries = []
+    for module_name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        name = f"{module_name}.weight"
+        w = module.weight.detach().float().contiguous().numpy()
+        found = None
+        for layout, arr in (("as_is", w), ("transposed", np.ascontiguousarray(w.T))):
+            raw = arr.astype("<f4").tobytes()
+            key = hashlib.sha256(raw).hexdigest()
+            if key in index:
+                found = layout, key, raw
+                break
+        if found is None:
+            raise ExportError(f"{name}: no tensor in {DATA_FILE} holds this weight's bytes (as is or transposed); "
+                              f"XNNPACK may have packed or converted it, so it cannot be patched")
+        layout, key, raw = found
+        offset, nbytes, seg = index[key]
+        if nbytes != len(raw) or ptd[offset: offset + nbytes] != raw:
+            raise ExportError(f"{name}: bytes at {DATA_FILE}+{offset} ({nbytes} B) differ from the PyTorch weight")
+        sharers = sorted(k for k in keys_per_segment[seg] if k != key)
+        note, patchable = None, True
+        if name in tied:
+            patchable, note = False, f"tied to {tied[name]}; stored once in {DATA_FILE}"
+        elif sharers:
+            patchable, note = False, (f"its bytes are stored once for keys {sharers} too (identical data is "
+                                      f"deduplicated), so patching them would change those tensors")
+        entries.append(weight_entry(name, w.shape, key, layout, DATA_FILE, offset, nbytes, weight_digest(w),
+                                    patchable=patchable, note=note))
+    return entries
+
+
+def _tied_names(model) -> dict[str, str]:
+    """{weight name: name of the parameter it shares storage with}, for Linear weights tied to another parameter."""
+    seen: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        seen.setdefault(param.data_ptr(), name)
+    tied = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        first = seen[param.data_ptr()]
+        if first != name:
+            tied[name] = first
+    return tied
+
+
+def _check_targets(weights, targets) -> None:
+    if not targets:
+        return
+    by_name = {w["name"]: w for w in weights}
+    for t in targets:
+        w = by_name.get(t) or by_name.get(f"{t}.weight")
+        if w is None:
+            raise ExportError(f"--targets {t!r}: not an nn.Linear weight of this model; Linear weights are e.g. "
+                              f"{weights[0]['name']}")
+        if not w["patchable"]:
+            raise ExportError(f"--targets {t!r}: not patchable in the ExecuTorch export ({w['note']})")
+
+
+def fixed_prompt(cfg, n: int) -> list[int]:
+    """A deterministic prompt: bos, then ids spread over the vocabulary (no tokenizer needed)."""
+    return [cfg.bos_token_id] + [(7 + 9973 * i) % (cfg.vocab_size - 3) + 3 for i in range(1, n)]
+
+
+def check_parity(model, out_dir: Path, max_seq_len: int) -> dict[str, Any]:
+    """Run the written files through the ExecuTorch runtime and compare to the PyTorch model's full forward.
+
+    full: one prefill call over the whole prompt. decode: prefill half, then one token per call, each at its
+    position, through the static cache. Both must be within PARITY_TOL of PyTorch, else ExportError.
+    """
+    import torch
+    from executorch.runtime import Runtime
+
+    n = min(PROMPT_LEN, max_seq_len)
+    ids = torch.tensor([fixed_prompt(model.config, n)])
+    with torch.no_grad():
+        ref = model(ids).logits
+
+    start = time.perf_counter()
+    program = Runtime.get().load_program(out_dir / PROGRAM_FILE, data_path=out_dir / DATA_FILE)
+    method = program.load_method(METHOD)
+    load_s = time.perf_counter() - start
+    full = method.execute([ids, torch.arange(n)])[0]
+    half = n // 2
+    steps = [method.execute([ids[:, :half], torch.arange(half)])[0]]
+    steps += [method.execute([ids[:, p: p + 1], torch.tensor([p])])[0] for p in range(half, n)]
+    decode = torch.cat(steps, dim=1)
+
+    full_diff = float((full - ref).abs().max())
+    decode_diff = float((decode - ref).abs().max())
+    result = {"prompt_len": n, "prefill_len_in_decode_check": half, "full_max_abs_diff": full_diff,
+              "decode_max_abs_diff": decode_diff, "tolerance": PARITY_TOL, "load_s": round(load_s, 4)}
+    for what, diff in (("prefill", full_diff), ("KV-cache decode", decode_diff)):
+        if not diff <= PARITY_TOL:  # also catches NaN
+            raise ExportError(f"parity check failed: ExecuTorch {what} logits differ from PyTorch by {diff:.3g} "
+                              f"(> {PARITY_TOL}); the export was not written")
+    return result
+
+
+def io_spec(cfg, wrapper) -> dict[str, Any]:
+    n_layers = cfg.num_hidden_layers
+    return {
+        "methods": [METHOD],
+        "batch": 1,
+        "inputs": [
+            {"name": "tokens", "dtype": "int64", "shape": [1, "seq"]},
+            {"name": "input_pos", "dtype": "int64", "shape": ["seq"],
+             "note": "absolute positions of the tokens, consecutive; 0 starts a new sequence"},
+        ],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, "seq", cfg.vocab_size]}],
+        "cache": {
+            "kind": "static",
+            "max_seq_len": wrapper.max_seq_len,
+            "seq_range": [1, wrapper.max_seq_len],
+            "layout": "inside the program: per layer k_cache_{i}, v_cache_{i} mutable buffers "
+                      "[max_seq_len, heads, head_dim], written at input_pos; prefill = one call with seq tokens, "
+                      "decode = calls with seq=1; input_pos[-1] must stay < max_seq_len",
+            "num_layers": n_layers,
+            "heads": wrapper.heads,
+            "head_dim": wrapper.head_dim,
+        },
+        "vocab_size": cfg.vocab_size,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+    }
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {pkg: version(pkg) for pkg in ("torch", "executorch", "transformers")}
