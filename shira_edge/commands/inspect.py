@@ -65,7 +65,8 @@ def render(report: dict) -> str:
         f"base model: {printable(report['base_model']['name'])}  {printable(report['base_model']['fingerprint'])}",
     ]
     for key, value in sorted(report["metadata"].items()):
-        lines.append(f"  {printable(key)}: {printable(json.dumps(value, ensure_ascii=True))}")
+        # ASCII JSON cannot carry a control character: it needs no further escaping
+        lines.append(f"  {printable(key)}: {json.dumps(value, ensure_ascii=True)}")
     rows = [(printable(t["name"]), f"{t['shape'][0]}x{t['shape'][1]}", f"{t['nnz']:,}", f"{t['density']:.2%}",
              t["dtype"], f"u{8 * t['index_width']}",
              f"{t['index_bytes_per_nnz']:.2f}" if t["index_bytes_per_nnz"] is not None else "-")
