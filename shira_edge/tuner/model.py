@@ -72,7 +72,7 @@ def check_request(method: str, mask: str) -> None:
 
 def adapter_config(method: str, *, r: int, target_modules: Sequence[str], mask: str = "rand",
                    mask_seed: int = 0, grads: Mapping[nn.Module, torch.Tensor] | None = None,
-                   lora_alpha: float | None = None):
+                   lora_alpha: float | None = None, task_type: str | None = "CAUSAL_LM"):
     """PEFT's own config. SHiRA records the mask name in `mask_type` and its seed in `random_seed`, so both
     travel in adapter_config.json; `rand` is saved as PEFT's "random" (PEFT rebuilds it on load)."""
     from peft import LoraConfig, ShiraConfig
@@ -82,11 +82,11 @@ def adapter_config(method: str, *, r: int, target_modules: Sequence[str], mask: 
     if method == "lora":
         # alpha = 2r is the common choice; dropout 0 keeps LoRA at its smallest memory footprint.
         return LoraConfig(r=r, lora_alpha=2 * r if lora_alpha is None else lora_alpha, lora_dropout=0.0,
-                          target_modules=targets, bias="none", task_type="CAUSAL_LM")
+                          target_modules=targets, bias="none", task_type=task_type)
     with warnings.catch_warnings():
         # ShiraConfig warns that a non-"random" mask_type needs a mask_fn: it gets one right below.
         warnings.simplefilter("ignore")
-        config = ShiraConfig(r=r, target_modules=targets, random_seed=mask_seed, task_type="CAUSAL_LM",
+        config = ShiraConfig(r=r, target_modules=targets, random_seed=mask_seed, task_type=task_type,
                              mask_type="random" if mask == "rand" else mask)
     config.mask_fn = make_mask_fn(mask, seed=mask_seed, grads=grads)
     return config
