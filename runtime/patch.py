@@ -1,0 +1,197 @@
+"""Adapter -> patch plan: positions in the backend's flat weight buffer and the final float32 values to write there.
+
+All the work of a switch happens here, once per adapter (and once per combination of adapters and scales); the
+result is cached by the runtime, and a switch is then two calls of `scatter_into`: write the live plan's saved base
+values back, write the new plan's values.
+
+- `Slot` says where one manifest weight sits in the backend buffer (start element, layout) and where its pristine
+  base bytes are on disk (file, offset).
+- `prepare_adapter` reads and validates a `.shira` against the slots (fingerprint, per-target digest, patchable,
+  shape, finite values) and maps its row-major (out, in) indices to buffer positions: `transposed` layout stores
+  W[r, c] at c * out + r.
+- `compose` turns [(adapter, scale), ...] into a `Plan`: the sorted union of positions, the base values there (read
+  from the export's own files, so a plan never depends on what is live), and base + s1*d1 + s2*d2 ... computed in
+  float32 in that order, the order PEFT merges adapters in, so the result equals PEFT's merged weights bit for bit.
+
+    >>> import numpy as np
+    >>> slot = Slot("w", out=2, inp=3, layout="transposed", start=10, file=None, offset=0, digest="", patchable=True)
+    >>> buffer_positions(slot, np.array([1, 5]))       # W[0,1] -> 1*2+0, W[1,2] -> 2*2+1, plus start
+    array([12, 15])
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .shira_format import decode_values, read_shira
+
+
+class AdapterMismatch(ValueError):
+    """The adapter cannot be applied to this export; the message names the adapter, the target and what to do."""
+
+
+@dataclass(frozen=True)
+class Slot:
+    name: str            # PyTorch state_dict name
+    out: int
+    inp: int
+    layout: str          # "as_is": (out, in) row-major; "transposed": (in, out) row-major
+    start: int           # first element of this weight in the backend's flat float32 buffer
+    file: Path | None    # pristine base bytes: the export's own file ...
+    offset: int          # ... at this byte offset, in `layout`
+    digest: str
+    patchable: bool
+
+
+def buffer_positions(slot: Slot, flat_indices: np.ndarray) -> np.ndarray:
+    """Row-major (out, in) flat indices -> positions in the flat buffer (int64, same order as given)."""
+    idx = np.asarray(flat_indices, dtype=np.int64)
+    if slot.layout == "transposed":
+        rows, cols = np.divmod(idx, slot.inp)
+        idx = cols * slot.out + rows
+    return idx + slot.start
+
+
+def read_base(slot: Slot, positions: np.ndarray) -> np.ndarray:
+    """Base values at buffer positions of one slot, from the export's file (never from the live, patched buffer)."""
+    count = slot.out * slot.inp
+    mm = np.memmap(slot.file, dtype="<f4", mode="r", offset=slot.offset, shape=(count,))
+    return np.array(mm[positions - slot.start], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One adapter target, mapped: buffer positions sorted ascending, with the raw float32 values and file scale."""
+
+    slot: Slot
+    positions: np.ndarray
+    values: np.ndarray
+    scale: float
+
+    def delta(self, user_scale: float) -> np.ndarray:
+        # One float32 multiply by the combined scale, as PEFT does (shira_weight * scaling).
+        return self.values * np.float32(self.scale * user_scale)
+
+
+@dataclass(frozen=True)
+class PreparedAdapter:
+    """A validated adapter, mapped into one export's buffer. Hashable by `key`; cached by the runtime."""
+
+    name: str
+    key: str
+    targets: tuple[Target, ...]
+
+    @property
+    def nnz(self) -> int:
+        return sum(t.positions.size for t in self.targets)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one live state writes: final values at sorted positions, and the base values to restore there."""
+
+    active: tuple[tuple[str, float], ...]
+    positions: np.ndarray   # int64, strictly increasing
+    values: np.ndarray      # float32 final weights
+    base: np.ndarray        # float32 base weights at the same positions
+
+    @property
+    def nbytes(self) -> int:
+        return self.positions.nbytes + self.values.nbytes + self.base.nbytes
+
+
+BASE_PLAN = Plan((), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32))
+
+
+def adapter_key(source) -> str:
+    """Cache key of an adapter source: path + size + mtime for files, content hash for bytes."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return "bytes:" + hashlib.sha256(source).hexdigest()
+    path = Path(source).expanduser().resolve()
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise FileNotFoundError(f"adapter {source}: {exc.strerror}; pass the path of a .shira file") from None
+    return f"file:{path}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def adapter_name(source, adapter) -> str:
+    if not isinstance(source, (bytes, bytearray, memoryview)):
+        return Path(source).stem
+    meta = getattr(adapter, "metadata", None) or {}
+    return str(meta.get("name") or adapter_key(source)[6:18])
+
+
+def prepare_adapter(source, slots: dict[str, Slot], fingerprint_of) -> PreparedAdapter:
+    """Read, validate and map one adapter. Raises AdapterMismatch (or the reader's ShiraFormatError); touches nothing.
+
+    `fingerprint_of(names)` returns the export's fingerprint over those weights (from the manifest).
+    """
+    key = adapter_key(source)
+    adapter = read_shira(bytes(source) if isinstance(source, (bytearray, memoryview)) else source)
+    name = adapter_name(source, adapter)
+    where = f"adapter {name!r} ({'bytes' if key.startswith('bytes:') else source})"
+
+    for tname, t in adapter.targets.items():
+        slot = slots.get(tname)
+        if slot is None:
+            raise AdapterMismatch(f"{where}: target {tname!r} is not a weight of this export; the adapter was made "
+                                  f"for another model or with --targets this export does not have")
+        if not slot.patchable:
+            raise AdapterMismatch(f"{where}: target {tname!r} is not patchable in this export ({slot.layout}); "
+                                  f"train the adapter without it")
+        if tuple(t.shape) != (slot.out, slot.inp):
+            raise AdapterMismatch(f"{where}: target {tname!r} has shape {tuple(t.shape)} but the export's weight "
+                                  f"is {(slot.out, slot.inp)}")
+        if t.base_digest and t.base_digest != slot.digest:
+            raise AdapterMismatch(f"{where}: target {tname!r} was made for different base weights (digest "
+                                  f"{t.base_digest[:12]}... vs export {slot.digest[:12]}...); pack it against this "
+                                  f"base model")
+    expected = fingerprint_of(list(adapter.targets))
+    got = (adapter.base_model or {}).get("fingerprint")
+    if got != expected:
+        raise AdapterMismatch(f"{where}: base fingerprint {got} does not match this export's {expected} over the "
+                              f"adapter's targets; the adapter was made for another base model")
+
+    targets = []
+    for tname in sorted(adapter.targets, key=lambda n: slots[n].start):
+        t = adapter.targets[tname]
+        try:
+            values, scale = decode_values(np.asarray(t.values)), float(t.scale)
+        except (TypeError, ValueError) as exc:
+            raise AdapterMismatch(f"{where}: target {tname!r}: values do not convert to float32 ({exc})") from None
+        if not np.isfinite(values).all() or not np.isfinite(np.float32(scale)):
+            raise AdapterMismatch(f"{where}: target {tname!r} has non-finite values or scale")
+        positions = buffer_positions(slots[tname], t.indices)
+        order = np.argsort(positions, kind="stable")
+        targets.append(Target(slots[tname], positions[order], values[order], scale))
+    return PreparedAdapter(name, key, tuple(targets))
+
+
+def compose(parts: list[tuple[PreparedAdapter, float]]) -> Plan:
+    """The live state for adapters at scales: base + s1*d1 + s2*d2 ..., in float32, in the given order (PEFT's)."""
+    if not parts:
+        return BASE_PLAN
+    by_slot: dict[str, list[tuple[Target, float]]] = {}
+    for adapter, scale in parts:
+        for t in adapter.targets:
+            by_slot.setdefault(t.slot.name, []).append((t, scale))
+    pos_chunks, val_chunks, base_chunks = [], [], []
+    for group in sorted(by_slot.values(), key=lambda g: g[0][0].slot.start):
+        slot = group[0][0].slot
+        positions = group[0][0].positions if len(group) == 1 else np.unique(np.concatenate([t.positions for t, _ in group]))
+        base = read_base(slot, positions)
+        values = base.copy()
+        for t, scale in group:
+            at = np.searchsorted(positions, t.positions)
+            values[at] = values[at] + t.delta(scale)
+        if not np.isfinite(values).all():
+            bad = ", ".join(f"{a.name}@{s}" for a, s in parts)
+            raise AdapterMismatch(f"{slot.name}: base + scaled delta overflows float32 for {bad}; use smaller scales")
+        pos_chunks.append(positions), val_chunks.append(values), base_chunks.append(base)
+    active = tuple((a.name, float(s)) for a, s in parts)
+    return Plan(active, np.concatenate(pos_chunks), np.concatenate(val_chunks), np.concatenate(base_chunks))

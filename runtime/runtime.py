@@ -1,0 +1,215 @@
+"""`Runtime`: one exported model, SHiRA adapters switched in place, runs and greedy generation.
+
+The switch path, top to bottom:
+
+1. `prepare(source)` reads the `.shira`, validates it against manifest.json and maps its indices into the backend's
+   flat weight buffer (patch.prepare_adapter). Cached per file (path, size, mtime) or per content (bytes).
+2. `plan(...)` composes the adapters at their scales into final float32 values plus the base values to restore
+   (patch.compose). Cached per combination.
+3. `switch(...)` does 1 and 2 first, so nothing is touched until the new state is known to be valid; then, under
+   the write lock, it scatters the live plan's base values back and the new plan's values in (scatter.scatter_into),
+   and tells the backend its weights changed (ONNX: swap sessions / rebuild packed; ExecuTorch: reload the method).
+
+Runs and generations hold the read lock, so they see either the old state or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from .fingerprint import base_fingerprint
+from .patch import BASE_PLAN, Plan, PreparedAdapter, adapter_key, compose, prepare_adapter
+from .rwlock import RWLock
+from .scatter import check_plan, scatter_into
+
+PLAN_CACHE = 16      # composed states kept; each costs 16 bytes per touched weight
+
+
+class Runtime:
+    """Load an export directory (manifest.json decides the backend) and switch SHiRA adapters in place.
+
+    policy (ONNX Runtime): "auto" (default; a switch is live in milliseconds, full speed after a background rebuild,
+    see `wait_ready`), "instant" (never rebuild: live in milliseconds, unpacked speed always) or "packed" (a switch
+    returns after the rebuild; every run at full speed). ExecuTorch reloads its method on every switch, so it
+    accepts only "auto"/"packed" (the same thing there).
+    threads: intra-op threads of the backend (None: its default). scatter_threads: threads of the switch kernel.
+    """
+
+    def __init__(self, export_dir, threads: int | None = None, *, policy: str = "auto",
+                 scatter_threads: int | None = None):
+        from shira_edge.exporters.manifest import read_manifest   # torch-free: json + validation only
+
+        self.dir = Path(export_dir)
+        self.manifest = read_manifest(self.dir)
+        if self.manifest["backend"] == "onnxruntime":
+            from .onnx_backend import OnnxBackend
+            self._backend = OnnxBackend(self.dir, self.manifest, policy=policy, threads=threads)
+        else:
+            from .executorch_backend import ExecuTorchBackend
+            self._backend = ExecuTorchBackend(self.dir, self.manifest, policy=policy, threads=threads)
+        self.policy = policy
+        self.scatter_threads = scatter_threads or threads or 1
+        self._digests = {w["name"]: (w["shape"], w["digest"]) for w in self.manifest["weights"]}
+        self._lock = RWLock()
+        self._adapters: dict[str, PreparedAdapter] = {}
+        self._plans: OrderedDict[tuple, Plan] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._live = BASE_PLAN
+        self.last_switch: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ adapters
+
+    def _fingerprint_of(self, names) -> str:
+        return base_fingerprint({n: self._digests[n] for n in names if n in self._digests})
+
+    def prepare(self, source) -> PreparedAdapter:
+        """Read, validate and map one adapter (str, Path or bytes), or return the cached result."""
+        if isinstance(source, PreparedAdapter):
+            return source
+        key = adapter_key(source)
+        with self._cache_lock:
+            hit = self._adapters.get(key)
+        if hit is None:
+            hit = prepare_adapter(source, self._backend.slots, self._fingerprint_of)
+            with self._cache_lock:
+                self._adapters[key] = hit
+        return hit
+
+    def plan(self, adapters, scales=None) -> Plan:
+        """The state `switch(adapters, scales)` would make live, composed and cached (nothing is touched)."""
+        if adapters is None:
+            return BASE_PLAN
+        if isinstance(adapters, (str, Path, bytes, bytearray, memoryview, PreparedAdapter)):
+            adapters = [adapters]
+        adapters = list(adapters)
+        scales = [1.0] * len(adapters) if scales is None else [float(s) for s in np.atleast_1d(scales)]
+        if len(scales) != len(adapters):
+            raise ValueError(f"scales: {len(scales)} values for {len(adapters)} adapters; give one per adapter")
+        prepared = [self.prepare(a) for a in adapters]
+        if len({p.key for p in prepared}) != len(prepared):
+            raise ValueError("the same adapter is given twice; give it once with the sum of its scales")
+        key = tuple((p.key, s) for p, s in zip(prepared, scales))
+        with self._cache_lock:
+            plan = self._plans.get(key)
+            if plan is not None:
+                self._plans.move_to_end(key)
+                return plan
+        plan = compose(list(zip(prepared, scales)))
+        check_plan(self._backend.flat, plan.positions, plan.values)
+        with self._cache_lock:
+            self._plans[key] = plan
+            while len(self._plans) > PLAN_CACHE:   # the live plan stays reachable through self._live
+                self._plans.popitem(last=False)
+        return plan
+
+    def switch(self, adapters, scales=None) -> None:
+        """Make `adapters` (one, a list fused at `scales`, or None for the base model) live.
+
+        Everything that can fail happens before the first write; a failure leaves the live weights as they were.
+        Returns when runs see the new weights (at full speed only once `ready`; see `wait_ready`).
+        """
+        start = time.perf_counter()
+        new = self.plan(adapters, scales)
+        prepared = time.perf_counter()
+        with self._lock.writing():
+            locked = time.perf_counter()
+            if new is not self._live:
+                self._backend.weights_changed()
+                flat, threads = self._backend.flat, self.scatter_threads
+                scatter_into(flat, self._live.positions, self._live.base, threads)
+                scatter_into(flat, new.positions, new.values, threads)
+                self._live = new
+                scattered = time.perf_counter()
+                self._backend.after_scatter()
+            else:
+                scattered = time.perf_counter()
+            done = time.perf_counter()
+        self.last_switch = {"prepare_s": prepared - start, "wait_s": locked - prepared,
+                            "scatter_s": scattered - locked, "reload_s": done - scattered, "total_s": done - start}
+
+    @property
+    def active(self) -> tuple[tuple[str, float], ...]:
+        """What is live: ((adapter name, scale), ...); () for the base model."""
+        return self._live.active
+
+    @property
+    def ready(self) -> bool:
+        """True when runs go at full speed for the live weights (always, except right after an "auto" switch)."""
+        return self._backend.ready
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until runs go at full speed; False if `timeout` seconds passed first."""
+        return self._backend.wait_ready(timeout)
+
+    # ------------------------------------------------------------------ running
+
+    def run(self, input_ids) -> np.ndarray:
+        """Logits [batch, seq, vocab] of a full forward over `input_ids` [batch, seq] (or [seq])."""
+        ids = _ids(input_ids)
+        with self._lock.reading():
+            return self._backend.forward(ids)
+
+    def step(self, input_ids, cache=None):
+        """One KV-cache step: (logits [batch, seq, vocab], cache). Pass the returned cache to the next step."""
+        with self._lock.reading():
+            return self._backend.step(_ids(input_ids), cache)
+
+    def generate(self, input_ids, max_new_tokens: int = 32, eos_token_id: int | None = None) -> np.ndarray:
+        """Greedy decoding with the KV cache: [batch, prompt + new] token ids (the prompt included, as in HF).
+
+        The whole generation runs under one read lock, so all its tokens come from one adapter state; a switch
+        waits for it. With eos_token_id, stops once every row has produced it.
+        """
+        ids = _ids(input_ids)
+        out = [ids]
+        finished = np.zeros(ids.shape[0], bool)
+        with self._lock.reading():
+            logits, cache = self._backend.step(ids, None)
+            for i in range(max_new_tokens):
+                nxt = logits[:, -1].argmax(-1).astype(np.int64)[:, None]
+                out.append(nxt)
+                if eos_token_id is not None:
+                    finished |= nxt[:, 0] == eos_token_id
+                    if finished.all():
+                        break
+                if i + 1 < max_new_tokens:
+                    logits, cache = self._backend.step(nxt, cache)
+        return np.concatenate(out, axis=1)
+
+    def weight(self, name: str) -> np.ndarray:
+        """The live value of a patchable weight, in PyTorch (out, in) layout, as a copy."""
+        slot = self._backend.slots.get(name)
+        if slot is None or not slot.patchable:
+            known = ", ".join(n for n, s in list(self._backend.slots.items())[:4] if s.patchable)
+            raise KeyError(f"{name!r} is not a patchable weight of {self.dir} (e.g. {known}, ...)")
+        n = slot.out * slot.inp
+        with self._lock.reading():
+            buf = self._backend.flat[slot.start: slot.start + n].copy()
+        return buf.reshape(slot.out, slot.inp) if slot.layout == "as_is" else buf.reshape(slot.inp, slot.out).T.copy()
+
+    def close(self) -> None:
+        self._backend.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Runtime({str(self.dir)!r}, backend={self._backend.backend}, policy={self.policy!r}, "
+                f"active={self.active})")
+
+
+def _ids(input_ids) -> np.ndarray:
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.dtype.kind not in "iu" or ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be integer token ids [batch, seq] with seq >= 1, got {ids.dtype}{ids.shape}")
+    return ids.astype(np.int64, copy=False)
