@@ -24,6 +24,7 @@ The policy decides which sessions exist and when a switch returns:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
 
@@ -38,6 +39,7 @@ ALIGN_ELEMENTS = 16     # each weight starts on a 64-byte line, so no cache line
 class OnnxBackend:
     backend = "onnxruntime"
     batch_limit = None   # any batch size
+    sequence_lock = contextlib.nullcontext()   # the KV cache travels with each call: sequences run side by side
 
     def __init__(self, export_dir, manifest: dict, *, policy: str = "auto", threads: int | None = None):
         import onnxruntime as ort

@@ -166,9 +166,14 @@ class Runtime:
         waits for it. With eos_token_id, stops once every row has produced it.
         """
         ids = _ids(input_ids)
+        if self._backend.batch_limit == 1 and ids.shape[0] > 1:   # one cache slot: one row at a time
+            rows = [self.generate(row[None], max_new_tokens, eos_token_id) for row in ids]
+            width = max(r.shape[1] for r in rows)   # rows that stopped at EOS are padded with it
+            return np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1])), constant_values=eos_token_id or 0)
+                                   for r in rows])
         out = [ids]
         finished = np.zeros(ids.shape[0], bool)
-        with self._lock.reading():
+        with self._lock.reading(), self._backend.sequence_lock:
             logits, cache = self._backend.step(ids, None)
             for i in range(max_new_tokens):
                 nxt = logits[:, -1].argmax(-1).astype(np.int64)[:, None]
