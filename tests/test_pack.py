@@ -51,7 +51,8 @@ def peft_adapters(tmp_path_factory):
                 config.mask_fn = top_abs_mask
             peft_model = get_peft_model(make_tiny_opt(seed=0), config)
         deltas = {
-            name.removeprefix("base_model.model.") + ".weight": module.get_delta_weight("default").detach().to_dense().numpy()
+            name.removeprefix("base_model.model.") + ".weight":
+                module.get_delta_weight("default").detach().to_dense().numpy()
             for name, module in peft_model.named_modules() if isinstance(module, ShiraLayer)
         }
         path = tmp_path_factory.mktemp(f"shira-{mask}")
@@ -243,6 +244,8 @@ BROKEN = {
                            "cannot tell which base model"),
     "unloadable-base-model": (lambda src, d: copy_adapter(src, d), ["--model", "facebook/opt-350m"],
                               "base model (from --model): could not load the weights of 'facebook/opt-350m'"),
+    "unwritable-output": (lambda src, d: copy_adapter(src, d), ["--model", "tiny-opt", "-o", "/nonexistent/a.shira"],
+                          "cannot write /nonexistent/a.shira: "),
 }
 
 

@@ -200,7 +200,8 @@ def test_memory_mapped_read_from_path(tmp_path):
     base = t.values
     while isinstance(base, np.ndarray):
         base = base.base
-    assert isinstance(base.obj if isinstance(base, memoryview) else base, mmap.mmap)  # values are views into the map, not copies
+    # values are views into the map, not copies
+    assert isinstance(base.obj if isinstance(base, memoryview) else base, mmap.mmap)
     assert not t.values.flags.writeable and t.values.tolist() == [-1.0, 0.5, 2.0]
 
 
