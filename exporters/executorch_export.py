@@ -8,7 +8,7 @@
     >>> manifest["files"], manifest["export"]["parity"]["full_max_abs_diff"] < 1e-4                       # doctest: +SKIP
     ({'program': 'model.pte', 'data': 'model.ptd'}, True)
 
-Pipeline: `OptStaticCache` -> `torch.export` (dynamic seq) -> tag every constant for the external file "model"
+Pipeline: `OptStaticCache` -> `torch.export` (dynamic seq) -> tag every parameter for the external file "model"
 -> `to_edge_transform_and_lower(XnnpackPartitioner)` -> `to_executorch(external_constants=...)` -> model.pte +
 model.ptd. XNNPACK serializes each Linear weight fp32 in PyTorch (out, in) layout under a named-data key that is the
 SHA-256 of its bytes; the mapping below is found from those bytes and then checked byte for byte, never assumed.
@@ -37,11 +37,12 @@ PROMPT_LEN = 16
 
 
 def export_executorch(model, info, out_dir: Path, *, stages: Stages, max_seq_len: int = 256,
-                      targets=None, **_ignored) -> dict[str, Any]:
+                      targets=None, atol: float = PARITY_TOL, **_ignored) -> dict[str, Any]:
     """Write model.pte + model.ptd into `out_dir`, verify them, and return the manifest dict (not written here).
 
     `targets`: optional PyTorch weight names the caller wants patchable; one that is not a patchable Linear weight
-    of this export raises ExportError. Other keyword arguments (meant for other formats) are ignored.
+    of this export raises ExportError. `atol`: parity tolerance (max abs logit difference). Other keyword arguments
+    (meant for other formats) are ignored.
     """
     import torch
 
@@ -70,7 +71,7 @@ def export_executorch(model, info, out_dir: Path, *, stages: Stages, max_seq_len
     with stages("verify", "weight map byte check, logits parity, cache decode parity"):
         weights = map_linear_weights(model, (out_dir / DATA_FILE).read_bytes())
         _check_targets(weights, targets)
-        parity = check_parity(model, out_dir, max_seq_len)
+        parity = check_parity(model, out_dir, max_seq_len, atol)
 
     cfg = model.config
     fingerprint = base_fingerprint({w["name"]: (w["shape"], w["digest"]) for w in weights})
@@ -94,19 +95,21 @@ def export_executorch(model, info, out_dir: Path, *, stages: Stages, max_seq_len
 
 
 def _export(wrapper, max_seq_len: int):
-    """torch.export twice: the first unlifted graph is where ExecuTorch's tagging pass can mark every constant
-    (delegated ones too) for the external file; re-exporting carries the tag into XNNPACK's named data."""
+    """torch.export with a dynamic seq dim, then tag every parameter for the external file: XNNPACK reads the tag
+    from node.meta["custom"]["delegate_constant_tag"] when it serializes a delegated constant (what ExecuTorch's
+    delegate_external_constants_pass_unlifted sets, without the second export that pass needs)."""
     import torch
-    from executorch.exir.passes.external_constants_pass import delegate_external_constants_pass_unlifted
     from torch.export import Dim
 
     seq = Dim("seq", min=1, max=max_seq_len)
     n = min(8, max_seq_len)
     example = (torch.full((1, n), 2, dtype=torch.long), torch.arange(n))
-    dynamic = ({1: seq}, {0: seq})
-    unlifted = torch.export.export(wrapper, example, dynamic_shapes=dynamic, strict=True).module()
-    delegate_external_constants_pass_unlifted(unlifted, gen_tag_fn=lambda node: DATA_TAG)
-    return torch.export.export(unlifted, example, dynamic_shapes=dynamic, strict=True)
+    ep = torch.export.export(wrapper, example, dynamic_shapes=({1: seq}, {0: seq}), strict=True)
+    params = ep.graph_signature.inputs_to_parameters
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in params:
+            node.meta.setdefault("custom", {})["delegate_constant_tag"] = DATA_TAG
+    return ep
 
 
 def _lower(ep):
@@ -215,11 +218,11 @@ def fixed_prompt(cfg, n: int) -> list[int]:
     return [cfg.bos_token_id] + [(7 + 9973 * i) % (cfg.vocab_size - 3) + 3 for i in range(1, n)]
 
 
-def check_parity(model, out_dir: Path, max_seq_len: int) -> dict[str, Any]:
+def check_parity(model, out_dir: Path, max_seq_len: int, atol: float = PARITY_TOL) -> dict[str, Any]:
     """Run the written files through the ExecuTorch runtime and compare to the PyTorch model's full forward.
 
     full: one prefill call over the whole prompt. decode: prefill half, then one token per call, each at its
-    position, through the static cache. Both must be within PARITY_TOL of PyTorch, else ExportError.
+    position, through the static cache. Both must be within `atol` of PyTorch, else ExportError.
     """
     import torch
     from executorch.runtime import Runtime
@@ -242,11 +245,11 @@ def check_parity(model, out_dir: Path, max_seq_len: int) -> dict[str, Any]:
     full_diff = float((full - ref).abs().max())
     decode_diff = float((decode - ref).abs().max())
     result = {"prompt_len": n, "prefill_len_in_decode_check": half, "full_max_abs_diff": full_diff,
-              "decode_max_abs_diff": decode_diff, "tolerance": PARITY_TOL, "load_s": round(load_s, 4)}
+              "decode_max_abs_diff": decode_diff, "tolerance": atol, "load_s": round(load_s, 4)}
     for what, diff in (("prefill", full_diff), ("KV-cache decode", decode_diff)):
-        if not diff <= PARITY_TOL:  # also catches NaN
+        if not diff <= atol:  # also catches NaN
             raise ExportError(f"parity check failed: ExecuTorch {what} logits differ from PyTorch by {diff:.3g} "
-                              f"(> {PARITY_TOL}); the export was not written")
+                              f"(> {atol}); the export was not written")
     return result
 
 
