@@ -13,14 +13,18 @@ from pathlib import Path
 from .common import ExportError
 
 
-def fuse_adapter(model, adapter: str | Path):
+def check_adapter_path(adapter: str | Path) -> Path:
+    """Fail fast (before loading any model) on an --adapter that is neither a directory nor a file."""
     path = Path(adapter).expanduser()
-    if path.is_dir():
-        return _fuse_peft(model, path)
-    if path.is_file():
-        return _fuse_shira(model, path)
-    raise ExportError(f"--adapter {adapter}: no such directory or file; pass a PEFT adapter dir "
-                      f"(with adapter_config.json) or a .shira file written by `shira-edge pack`")
+    if not (path.is_dir() or path.is_file()):
+        raise ExportError(f"--adapter {adapter}: no such directory or file; pass a PEFT adapter dir "
+                          f"(with adapter_config.json) or a .shira file written by `shira-edge pack`")
+    return path
+
+
+def fuse_adapter(model, adapter: str | Path):
+    path = check_adapter_path(adapter)
+    return _fuse_peft(model, path) if path.is_dir() else _fuse_shira(model, path)
 
 
 def _fuse_peft(model, path: Path):

@@ -53,6 +53,7 @@ def run_export(model_name, *, fmt="onnx", adapter=None, targets=(), random_init=
     """The whole export; returns the manifest written to out_dir. Raises ExportError with a one-line reason."""
     from shira_edge.exporters.common import (ExportError, copy_tokenizer, resolve_targets, restrict_patchable,
                                              staged_output_dir)
+    from shira_edge.exporters.fuse_adapter import check_adapter_path, fuse_adapter
     from shira_edge.exporters.manifest import write_manifest
     from shira_edge.models import ModelNotAvailable, load_model, resolve
 
@@ -60,6 +61,8 @@ def run_export(model_name, *, fmt="onnx", adapter=None, targets=(), random_init=
         resolve(model_name)  # an unknown name fails here, before OUT_DIR is touched or torch is imported
     except ModelNotAvailable as exc:
         raise ExportError(f"--model: {exc}") from None
+    if adapter:
+        check_adapter_path(adapter)
     with staged_output_dir(out_dir, force=force) as tmp:
         with stages("load", model_name + (f" + adapter {adapter}" if adapter else "")):
             try:
@@ -68,8 +71,6 @@ def run_export(model_name, *, fmt="onnx", adapter=None, targets=(), random_init=
                 raise ExportError(f"--model: {exc}") from None
             fused = None
             if adapter:
-                from shira_edge.exporters.fuse_adapter import fuse_adapter
-
                 model, fused = fuse_adapter(model, adapter)
             chosen = resolve_targets(model, targets) if targets else None
         if fmt == "onnx":
