@@ -334,7 +334,7 @@ class _Reader:
     def read(self) -> tuple[ShiraAdapter, dict[str, TargetLayout]]:
         header, data_start = self._header()
         dtype = header.get("dtype")
-        if dtype not in VALUE_DTYPES:
+        if not isinstance(dtype, str) or dtype not in VALUE_DTYPES:
             self.fail("header", f"dtype {_short(dtype)} is not one of {', '.join(VALUE_DTYPES)}")
         base = header.get("base_model")
         if not (isinstance(base, dict) and isinstance(base.get("name"), str)
@@ -402,12 +402,12 @@ class _Reader:
         if e["nnz"] > shape[0] * shape[1]:
             self.fail(where, f"nnz {e['nnz']} is more than the {shape[0] * shape[1]} elements of the shape")
         scale = e.get("scale")
-        if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and np.isfinite(scale)):
+        if not _finite_number(scale):
             self.fail(where, f"scale {_short(scale)} is not a finite number")
         if not (isinstance(e.get("base_digest"), str) and _HEX64.match(e["base_digest"])):
             self.fail(where, "base_digest is not 64 lowercase hex digits")
         width = e.get("index_width")
-        if width not in INDEX_DTYPES or not _is_int(width):
+        if not _is_int(width) or width not in INDEX_DTYPES:
             self.fail(where, f"index_width {_short(width)} is not 1, 2 or 4")
         layout = TargetLayout(width, data_start + e["index_offset"], e["index_length"],
                               data_start + e["values_offset"], e["values_length"])
@@ -475,6 +475,15 @@ class _Reader:
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _finite_number(x: Any) -> bool:
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return bool(np.isfinite(float(x)))
+    except OverflowError:  # a JSON integer beyond float range
+        return False
 
 
 def _reject_constant(name: str):

@@ -373,3 +373,25 @@ def test_corrupted_files_fail_only_with_shira_format_error(data):
         read_shira(blob)
     except ShiraFormatError:
         pass
+
+
+WEIRD = [None, True, -1, 1.5, 10**400, "x", [], [1], {}, {"a": 1}, [True, 8], [10**30, 1]]
+
+
+@pytest.mark.parametrize("key", ["name", "shape", "nnz", "scale", "base_digest", "index_width", "index_offset",
+                                 "index_length", "values_offset", "values_length"])
+def test_any_json_value_in_a_target_field_is_a_format_error(key):
+    for value in WEIRD:
+        if key == "scale" and value in (-1, 1.5):
+            continue  # valid scales
+        with pytest.raises(ShiraFormatError):
+            read_shira(patched_header(set_field("b.fc.weight", key, value)))
+
+
+@pytest.mark.parametrize("key", ["base_model", "dtype", "metadata", "targets"])
+def test_any_json_value_in_a_header_field_is_a_format_error(key):
+    for value in WEIRD:
+        if key == "metadata" and isinstance(value, dict):
+            continue  # any object is valid metadata
+        with pytest.raises(ShiraFormatError):
+            read_shira(patched_header(lambda h: h.update({key: value})))
