@@ -8,6 +8,7 @@ handed in from a buffer we own (SessionOptions.add_initializer), at the graph op
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,20 +55,28 @@ def check_optimized_graph(model_path: Path, tensor_names: list[str]) -> None:
                               f"the runtime could not patch it")
 
 
-def open_session(out_dir: Path, weights: list[dict]) -> tuple[ort.InferenceSession, list[np.ndarray]]:
-    """A session whose patchable weights live in numpy buffers read from the data file (as the runtime does).
-    Returns the buffers too: ORT reads them directly, so they must outlive the session."""
+@dataclass
+class PatchableSession:
+    """An ORT session whose patchable weights live in `buffers` (tensor name -> numpy array we own). ORT reads the
+    arrays directly, so they and their OrtValues must outlive the session: this object keeps them together."""
+
+    session: ort.InferenceSession
+    buffers: dict[str, np.ndarray]
+    _values: list = field(default_factory=list, repr=False)
+
+
+def open_session(out_dir: Path, weights: list[dict]) -> PatchableSession:
+    """Open model.onnx with each patchable weight read from the data file into its own buffer, as the runtime does."""
     so = session_options()
-    keep = []
+    buffers, values = {}, []
     for w in (w for w in weights if w["patchable"]):
         out, inp = w["shape"]
         buf = np.fromfile(Path(out_dir) / w["file"], dtype="<f4", count=w["nbytes"] // 4, offset=w["offset"])
-        buf = buf.reshape((out, inp) if w["layout"] == "as_is" else (inp, out))
-        value = ort.OrtValue.ortvalue_from_numpy(buf)
-        so.add_initializer(w["tensor"], value)
-        keep += [buf, value]
+        buffers[w["tensor"]] = buf = buf.reshape((out, inp) if w["layout"] == "as_is" else (inp, out))
+        values.append(ort.OrtValue.ortvalue_from_numpy(buf))
+        so.add_initializer(w["tensor"], values[-1])
     sess = ort.InferenceSession(str(Path(out_dir) / "model.onnx"), so, providers=["CPUExecutionProvider"])
-    return sess, keep
+    return PatchableSession(sess, buffers, values)
 
 
 def parity_prompt(vocab_size: int, bos: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
@@ -100,7 +109,8 @@ def check_parity(out_dir: Path, hf_model, weights: list[dict], atol: float = 1e-
     positions = (np.cumsum(mask, axis=1) * mask - 1).astype(np.int64)  # what OPT itself derives from the mask
     with torch.no_grad():
         expected = hf_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
-    sess, _buffers = open_session(out_dir, weights)
+    patched = open_session(out_dir, weights)  # held until return: ORT reads its buffers
+    sess = patched.session
     layers = cfg.num_hidden_layers
     full, _ = run(sess, layers, ids, mask, positions)
     steps, present = [], None

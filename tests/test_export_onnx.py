@@ -138,20 +138,18 @@ def test_in_place_patches_of_runtime_buffers_take_effect(base_export):
     # (with the manifest's session config), then patch the buffer in place. Logits must follow PyTorch's.
     out, manifest, merged = base_export
     model = copy.deepcopy(merged)
-    sess, buffers = onnx_verify.open_session(out, manifest["weights"])
-    arrays = buffers[::2]  # open_session keeps [buf, OrtValue, buf, OrtValue, ...]
+    patched = onnx_verify.open_session(out, manifest["weights"])
     rng = np.random.default_rng(1)
     params = dict(model.named_parameters())
-    patchable = [w for w in manifest["weights"] if w["patchable"]]
-    for entry, buf in zip(patchable, arrays, strict=True):
-        rows, cols = entry["shape"]
+    for entry in (w for w in manifest["weights"] if w["patchable"]):
+        buf, (rows, cols) = patched.buffers[entry["tensor"]], entry["shape"]
         r, c = rng.integers(0, rows, 5), rng.integers(0, cols, 5)
         delta = rng.normal(0, 0.5, 5).astype(np.float32)
         view = buf if entry["layout"] == "as_is" else buf.T
         view[r, c] += delta
         with torch.no_grad():
             params[entry["name"]][torch.from_numpy(r), torch.from_numpy(c)] += torch.from_numpy(delta)
-    logits, _ = onnx_verify.run(sess, manifest["io"]["cache"]["num_layers"], IDS, MASK, POS)
+    logits, _ = onnx_verify.run(patched.session, manifest["io"]["cache"]["num_layers"], IDS, MASK, POS)
     real = MASK.astype(bool)
     assert np.abs(logits - hf_logits(model))[real].max() <= TOL
 
