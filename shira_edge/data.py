@@ -90,6 +90,8 @@ def load_tokenizer(source: str | None, vocab_size: int) -> Tokenizer:
             hf = AutoTokenizer.from_pretrained(source, local_files_only=True)
         except (OSError, ValueError, TypeError, KeyError):
             hf = None
+        if hf is not None and not hf("a", add_special_tokens=False)["input_ids"]:
+            hf = None  # transformers 5 builds an empty tokenizer for a model dir without tokenizer files
         if hf is not None:
             def encode(text: str) -> list[int]:
                 ids = hf(text)["input_ids"]
