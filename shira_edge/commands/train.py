@@ -1,15 +1,17 @@
 """`shira-edge train`: a SHiRA (or LoRA baseline) adapter from a text file, as a PEFT adapter directory.
 
     shira-edge train --model tiny-opt --data notes.txt --mask snip --r 4 --steps 50 -o adapter/
-    torchrun --nproc_per_node 2 -m shira_edge.cli train --model tiny-opt --data notes.txt --r 4 -o adapter/
+    torchrun --nproc_per_node 2 -m shira_edge.cli train --model tiny-opt --data notes.txt -r 4 -o adapter/
+
+Under torchrun, write `-r` (or put `--` before `train`): torchrun's argument parser sees every word of the command
+line and refuses `--r` as an ambiguous abbreviation of its own --rdzv-*/--role/--run-path/--redirects options.
 """
 
 from __future__ import annotations
 
 import click
 
-from shira_edge.tuner.masks import MASKS
-from shira_edge.tuner.model import DEFAULT_TARGETS, METHODS
+from shira_edge.tuner import DEFAULT_TARGETS, MASKS, METHODS
 
 
 @click.command("train")
@@ -19,8 +21,9 @@ from shira_edge.tuner.model import DEFAULT_TARGETS, METHODS
               help="shira, or lora as the baseline with the same trainable parameters.")
 @click.option("--mask", type=click.Choice(MASKS), default="rand", show_default=True,
               help="SHiRA mask: rand (PEFT's), wm |W|, grad |dL/dW|, snip |W dL/dW|, struct rows+cols+diagonal.")
-@click.option("--r", "r", type=int, default=32, show_default=True,
-              help="Size: r(m+n) trainable entries per m x n weight (LoRA: rank r).")
+@click.option("--r", "-r", "r", type=int, default=32, show_default=True,
+              help="Size: r(m+n) trainable entries per m x n weight (LoRA: rank r). Under torchrun write -r "
+                   "(torchrun's own parser rejects --r as an ambiguous prefix).")
 @click.option("--target-modules", default=",".join(DEFAULT_TARGETS), show_default=True,
               help="Comma-separated linear module names to adapt.")
 @click.option("--steps", type=int, default=None, help="Optimizer steps (default: one epoch).")

@@ -26,7 +26,8 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-MASKS = ("rand", "wm", "grad", "snip", "struct")
+from . import MASKS
+
 NEEDS_GRADIENTS = ("grad", "snip")
 
 MaskFn = Callable[..., torch.Tensor]

@@ -16,11 +16,9 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from . import DEFAULT_TARGETS, MASKS, METHODS
 from .layer import to_efficient
-from .masks import MASKS, NEEDS_GRADIENTS, make_mask_fn, max_rank, num_shira_params
-
-METHODS = ("shira", "lora")
-DEFAULT_TARGETS = ("q_proj", "v_proj")
+from .masks import NEEDS_GRADIENTS, make_mask_fn, max_rank, num_shira_params
 
 
 class TunerInputError(ValueError):
