@@ -9,7 +9,8 @@ module reuses the HF model's LayerNorm/Embedding objects and computes the same m
   * each adaptable `nn.Linear` becomes `LinearT`: `x @ weight_t + bias` with `weight_t = W.T` stored contiguous, so
     the ONNX initializer `<hf module path>.weight_t` holds exactly W^T ("transposed" layout, (in, out) row-major)
     and feeds a MatMul directly;
-  * positions, the padding mask and the past keys/values are graph inputs.
+  * positions, the padding mask and the past keys/values are graph inputs;
+  * the tied lm_head reads the embedding table itself through Gemm(transB=1), so no transposed copy exists.
 
 Graph I/O (B batch, S new tokens, P past tokens; P = 0 on the first step):
 
@@ -149,8 +150,10 @@ class OPTForONNX(nn.Module):
             x = dec.final_layer_norm(x)
         if dec.project_out is not None:
             x = dec.project_out(x)
-        # lm_head is tied to embed_tokens: reuse that one tensor rather than ship a second (vocab x hidden) copy.
-        logits = torch.matmul(x, dec.embed_tokens.weight.t())
+        # lm_head is tied to embed_tokens: reuse that one tensor. A 2-D F.linear lowers to Gemm(transB=1) reading it
+        # as is; `x @ E.t()` would lower to a Transpose that ORT constant-folds into a second (hidden x vocab) copy.
+        b, s, h = x.shape
+        logits = F.linear(x.reshape(-1, h), dec.embed_tokens.weight).reshape(b, -1, self.config.vocab_size)
         return (logits, *present)
 
 

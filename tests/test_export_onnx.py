@@ -112,6 +112,21 @@ def test_each_entry_bytes_equal_the_weight(base_export):
                                                         for w in manifest["weights"]})
 
 
+def test_ort_optimization_keeps_one_copy_of_each_weight(base_export, tmp_path):
+    # At the manifest's level ORT must not fold any weight into a second tensor (e.g. a transposed lm_head), which
+    # would both cost memory and escape patching: its optimized graph holds exactly the exported 2-D initializers.
+    import onnx
+
+    out, manifest, _ = base_export
+    exported = {t.name for t in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.initializer
+                if len(t.dims) == 2}
+    ort.InferenceSession(str(out / "model.onnx"), onnx_verify.session_options(str(tmp_path / "opt.onnx")),
+                         providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "opt.onnx"), load_external_data=False).graph
+    assert {t.name for t in optimized.initializer if len(t.dims) == 2} == exported
+    assert {w["tensor"] for w in manifest["weights"]} <= exported
+
+
 def test_logits_match_pytorch(base_export):
     out, manifest, model = base_export
     logits, _ = onnx_verify.run(session(out), manifest["io"]["cache"]["num_layers"], IDS, MASK, POS)
