@@ -138,7 +138,7 @@ def test_pack_is_deterministic_and_order_free(peft_adapters, tmp_path):
     assert len(blobs) == 1
 
 
-@pytest.mark.parametrize("dtype,rtol", [("fp16", 2**-11), ("bf16", 2**-8)])
+@pytest.mark.parametrize("dtype,rtol", [("fp16", 2**-11), ("bf16", 2**-8)], ids=["fp16", "bf16"])
 def test_pack_half_precision(peft_adapters, tmp_path, dtype, rtol):
     adapter_dir, deltas = peft_adapters["random"]
     assert pack(adapter_dir, "-o", tmp_path / "32.shira", "--model", "tiny-opt")[0] == 0
