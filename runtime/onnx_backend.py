@@ -72,6 +72,7 @@ class OnnxBackend:
 
         self._state = threading.Condition()
         self._generation = 0          # bumped by every switch, before the scatter
+        self._complete = 0            # the generation whose scatter has finished: the only one safe to build from
         self._packed = None           # (generation it was built at, session)
         self._direct = self._session(prepack=False) if policy != "packed" else None
         self._builder = None
@@ -125,7 +126,8 @@ class OnnxBackend:
         """Background: whenever the packed session is older than the weights, build one from the live buffers."""
         while True:
             with self._state:
-                while not self._closed and self._packed is not None and self._packed[0] == self._generation:
+                while not self._closed and (self._complete != self._generation or
+                                            (self._packed is not None and self._packed[0] == self._generation)):
                     self._state.wait()
                 if self._closed:
                     return
@@ -139,17 +141,20 @@ class OnnxBackend:
                     self._state.notify_all()
 
     def weights_changed(self) -> None:
-        """Called by the runtime under its write lock, right before the scatter (and after, for "packed")."""
+        """Called by the runtime under its write lock right before the scatter: the packed session is now stale."""
         with self._state:
             self._generation += 1
-            self._packed = None if self.policy != "packed" else self._packed
-            self._state.notify_all()
+            self._packed = None         # free its prepacked copy before a new one is built
 
     def after_scatter(self) -> None:
-        if self.policy == "packed":     # rebuild now: the runtime holds its write lock, so runs wait for it
+        """Called under the write lock after the scatter: the buffers are whole again."""
+        if self.policy == "packed":     # rebuild now; runs wait on the runtime's lock meanwhile
             session = self._session(prepack=True)
-            with self._state:
+        with self._state:
+            self._complete = self._generation
+            if self.policy == "packed":
                 self._packed = (self._generation, session)
+            self._state.notify_all()
 
     def session(self):
         """The fastest session that shows the live weights."""

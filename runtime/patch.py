@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -56,11 +57,28 @@ def buffer_positions(slot: Slot, flat_indices: np.ndarray) -> np.ndarray:
     return idx + slot.start
 
 
+def buffer_order(slot: Slot, sorted_indices: np.ndarray) -> np.ndarray | None:
+    """The permutation that sorts buffer positions of strictly increasing row-major indices (None: already sorted).
+
+    Transposed buffers are ordered by (col, row); a stable sort on the column alone gives that, since rows already
+    increase, and a narrow key lets numpy use its linear-time radix sort.
+    """
+    if slot.layout == "as_is":
+        return None
+    cols = np.asarray(sorted_indices) % slot.inp
+    key = cols.astype(np.uint16) if slot.inp <= 1 << 16 else cols
+    return np.argsort(key, kind="stable")
+
+
+@lru_cache(maxsize=8)
+def _file_map(path: Path) -> np.memmap:
+    return np.memmap(path, dtype=np.uint8, mode="r")
+
+
 def read_base(slot: Slot, positions: np.ndarray) -> np.ndarray:
     """Base values at buffer positions of one slot, from the export's file (never from the live, patched buffer)."""
-    count = slot.out * slot.inp
-    mm = np.memmap(slot.file, dtype="<f4", mode="r", offset=slot.offset, shape=(count,))
-    return np.array(mm[positions - slot.start], dtype=np.float32)
+    weights = np.frombuffer(_file_map(slot.file), "<f4", slot.out * slot.inp, slot.offset)
+    return weights[positions - slot.start].astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -167,8 +185,10 @@ def prepare_adapter(source, slots: dict[str, Slot], fingerprint_of) -> PreparedA
         if not np.isfinite(values).all() or not np.isfinite(np.float32(scale)):
             raise AdapterMismatch(f"{where}: target {tname!r} has non-finite values or scale")
         positions = buffer_positions(slots[tname], t.indices)
-        order = np.argsort(positions, kind="stable")
-        targets.append(Target(slots[tname], positions[order], values[order], scale))
+        order = buffer_order(slots[tname], t.indices)
+        if order is not None:
+            positions, values = positions[order], values[order]
+        targets.append(Target(slots[tname], positions, values, scale))
     return PreparedAdapter(name, key, tuple(targets))
 
 
