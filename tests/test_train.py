@@ -184,3 +184,20 @@ def test_bad_input_fails_before_training_naming_the_flag(case, notes, tmp_path):
     for text in expected:
         assert text in output, (text, output)
     assert "train shira" not in output and not (tmp_path / "out").exists()
+
+
+def test_tokenizer_is_the_models_own_when_its_dir_has_one(tiny_opt_dir, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from shira_edge.data import load_tokenizer
+
+    assert load_tokenizer(str(tiny_opt_dir), 512).name == "byte-level"  # a model dir without tokenizer files
+    vocab = {"<pad>": 1, "</s>": 2, "<unk>": 3, "sparse": 4, "adapters": 5}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
+                            unk_token="<unk>").save_pretrained(tmp_path)
+    tokenizer = load_tokenizer(str(tmp_path), 512)
+    assert tokenizer.name == f"hf:{tmp_path}"
+    assert tokenizer.encode("sparse adapters rock")[-4:] == [4, 5, 3, 2]
