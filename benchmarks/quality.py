@@ -175,7 +175,7 @@ def opt_config(size: Size):
                      pad_token_id=1, bos_token_id=2, eos_token_id=2)
 
 
-def pretrain(size: Size, train_blocks, val_blocks, seed: int = 0):
+def pretrain(size: Size, train_blocks, val_blocks, seed: int = 0, progress: Callable[[str], None] = log):
     """Full-parameter training from scratch: AdamW, 10% linear warm-up, cosine decay to 10%."""
     import torch
     from transformers import OPTForCausalLM
@@ -205,7 +205,7 @@ def pretrain(size: Size, train_blocks, val_blocks, seed: int = 0):
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         if step % max(1, size.pretrain_steps // 10) == 0 or step == size.pretrain_steps - 1:
-            log(f"  pretrain step {step + 1}/{size.pretrain_steps}  loss {loss.item():.3f}  "
+            progress(f"  pretrain step {step + 1}/{size.pretrain_steps}  loss {loss.item():.3f}  "
                 f"{time.perf_counter() - start:.0f}s")
     model.eval()
     return model, evaluate_loss(model, val_blocks, batch_size=32)
@@ -302,7 +302,7 @@ def run_quality(size: Size, corpora: dict[str, list[str]], work: Path,
     data = {task: write_jsonl(splits[task]["train"], work / f"{task}-train.jsonl") for task in ("task1", "task2")}
 
     progress(f"pre-training: {len(code_train)} blocks of {size.seq_len} byte tokens, {size.pretrain_steps} steps")
-    base, code_val = pretrain(size, code_train, held["code"]["val"])
+    base, code_val = pretrain(size, code_train, held["code"]["val"], progress=progress)
     base_dir = work / "base"
     base.save_pretrained(base_dir)
     del base
