@@ -144,8 +144,9 @@ def map_linear_weights(model, ptd: bytes) -> list[dict[str, Any]]:
 
     XNNPACK keys a delegated constant by the SHA-256 of its serialized bytes, so a weight is found under the hash of
     its (out, in) bytes ("as_is") or of its transpose ("transposed"). The data serializer stores identical byte
-    blobs once, so a weight whose segment other keys share is reported as not patchable (patching it would change
-    those too): that is how OPT's lm_head, tied to embed_tokens, comes out.
+    blobs once, and identical weights hash to one key, so a weight whose segment other keys or other weights share
+    is reported as not patchable (patching it would change those too): that is how OPT's lm_head, tied to
+    embed_tokens, comes out.
     """
     import torch
 
@@ -155,33 +156,41 @@ def map_linear_weights(model, ptd: bytes) -> list[dict[str, Any]]:
         keys_per_segment.setdefault(seg, []).append(key)
     tied = _tied_names(model)
 
-    entries = []
+    found = []   # (name, weight, layout, key)
     for module_name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear):
             continue
         name = f"{module_name}.weight"
         w = module.weight.detach().float().contiguous().numpy()
-        found = None
         for layout, arr in (("as_is", w), ("transposed", np.ascontiguousarray(w.T))):
             raw = arr.astype("<f4").tobytes()
             key = hashlib.sha256(raw).hexdigest()
             if key in index:
-                found = layout, key, raw
+                offset, nbytes, _ = index[key]
+                if nbytes != len(raw) or ptd[offset: offset + nbytes] != raw:
+                    raise ExportError(f"{name}: bytes at {DATA_FILE}+{offset} ({nbytes} B) differ from the PyTorch "
+                                      f"weight")
+                found.append((name, w, layout, key))
                 break
-        if found is None:
+        else:
             raise ExportError(f"{name}: no tensor in {DATA_FILE} holds this weight's bytes (as is or transposed); "
                               f"XNNPACK may have packed or converted it, so it cannot be patched")
-        layout, key, raw = found
+
+    # Two Linear weights with identical bytes get one key (the hash), and one segment can serve several keys.
+    weights_per_segment: dict[int, list[str]] = {}
+    for name, _, _, key in found:
+        weights_per_segment.setdefault(index[key][2], []).append(name)
+    entries = []
+    for name, w, layout, key in found:
         offset, nbytes, seg = index[key]
-        if nbytes != len(raw) or ptd[offset: offset + nbytes] != raw:
-            raise ExportError(f"{name}: bytes at {DATA_FILE}+{offset} ({nbytes} B) differ from the PyTorch weight")
-        sharers = sorted(k for k in keys_per_segment[seg] if k != key)
+        sharers = sorted({k for k in keys_per_segment[seg] if k != key}
+                         | {n for n in weights_per_segment[seg] if n != name})
         note, patchable = None, True
         if name in tied:
             patchable, note = False, f"tied to {tied[name]}; stored once in {DATA_FILE}"
         elif sharers:
-            patchable, note = False, (f"its bytes are stored once for keys {sharers} too (identical data is "
-                                      f"deduplicated), so patching them would change those tensors")
+            patchable, note = False, (f"its bytes are stored once for {sharers} too (identical data is "
+                                      f"deduplicated), so patching it would change those tensors")
         entries.append(weight_entry(name, w.shape, key, layout, DATA_FILE, offset, nbytes, weight_digest(w),
                                     patchable=patchable, note=note))
     return entries

@@ -166,6 +166,20 @@ def test_weight_map_refuses_a_weight_the_ptd_does_not_hold(et_export):
         map_linear_weights(other, (out / DATA_FILE).read_bytes())
 
 
+def test_weights_with_identical_bytes_share_storage_and_are_not_patchable(et_export):
+    # XNNPACK keys a weight by the hash of its bytes, so two equal weights become one stored tensor
+    out, _ = et_export
+    twin = make_tiny_opt(seed=0)
+    q, k = "model.decoder.layers.0.self_attn.q_proj.weight", "model.decoder.layers.0.self_attn.k_proj.weight"
+    with torch.no_grad():
+        twin.get_parameter(k).copy_(twin.get_parameter(q))
+    by_name = {w["name"]: w for w in map_linear_weights(twin, (out / DATA_FILE).read_bytes())}
+    assert by_name[q]["offset"] == by_name[k]["offset"]
+    assert not by_name[q]["patchable"] and k in by_name[q]["note"]
+    assert not by_name[k]["patchable"] and q in by_name[k]["note"]
+    assert by_name["model.decoder.layers.0.self_attn.v_proj.weight"]["patchable"]
+
+
 def test_check_targets_refuses_tied_and_non_linear(et_export):
     from shira_edge.exporters.executorch_export import _check_targets
 
