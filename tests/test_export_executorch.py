@@ -1,7 +1,10 @@
 """ExecuTorch export of the tiny OPT: weight map, logits and KV-cache parity, and patch-then-reload through the real
-ExecuTorch runtime (XNNPACK). One session-scoped export (~40 s on 2 cores) serves every test."""
+ExecuTorch runtime (XNNPACK). One session-scoped export (~40 s on 2 idle cores) serves every test: it goes through
+`shira-edge export --format executorch --adapter <PEFT SHiRA dir>`, so PEFT's merged model is the reference."""
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
@@ -16,11 +19,12 @@ from shira_edge.exporters.executorch_export import (
     export_executorch,
     map_linear_weights,
 )
-from shira_edge.exporters.manifest import read_manifest, write_manifest
+from shira_edge.exporters.manifest import read_manifest
 from shira_edge.models import ModelInfo
 from shira_edge.runtime.fingerprint import base_fingerprint, weight_digest
 
 from .conftest import make_tiny_opt
+from .test_export_onnx import export_cli, peft_adapter  # noqa: F401  (peft_adapter is a fixture used below)
 
 pytestmark = pytest.mark.slow
 MAX_SEQ = 32
@@ -28,13 +32,18 @@ PROMPT = [2, 41, 7, 300, 11, 499, 9, 100, 3, 77, 250, 18]   # not the exporter's
 
 
 @pytest.fixture(scope="session")
-def et_export(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny-et")
-    model = make_tiny_opt(seed=0)
-    info = ModelInfo("tiny-opt", "tests/conftest.py", "OPTForCausalLM", "random-init", 0)
-    manifest = export_executorch(model, info, out, stages=Stages(quiet=True), max_seq_len=MAX_SEQ)
-    write_manifest(out, manifest)
-    return out, model
+def et_export(peft_adapter, tiny_opt_dir, tmp_path_factory):
+    """(export dir, the PEFT-merged PyTorch model it was made from)."""
+    adapter_dir, merged = peft_adapter
+    out = tmp_path_factory.mktemp("tiny-et") / "out"
+    code, output = export_cli("--model", tiny_opt_dir, "--format", "executorch", "--adapter", adapter_dir,
+                              "--max-seq-len", MAX_SEQ, "-o", out)
+    assert code == 0, output
+    return out, merged
+
+
+def _copy(model):
+    return copy.deepcopy(model).eval()
 
 
 def _load(out, ptd: bytes | None = None):
@@ -85,7 +94,7 @@ def test_tied_lm_head_is_not_patchable_and_the_rest_are(et_export):
 def test_io_and_files_tell_the_runtime_what_it_needs(et_export):
     out, _ = et_export
     m = read_manifest(out)
-    assert m["files"] == {"program": PROGRAM_FILE, "data": DATA_FILE}
+    assert (m["files"]["program"], m["files"]["data"]) == (PROGRAM_FILE, DATA_FILE)
     assert [i["name"] for i in m["io"]["inputs"]] == ["tokens", "input_pos"]
     assert m["io"]["cache"]["max_seq_len"] == MAX_SEQ and m["io"]["methods"] == ["forward"]
     parity = m["export"]["parity"]
@@ -97,6 +106,15 @@ def test_exported_logits_match_pytorch(et_export):
     ids = torch.tensor([PROMPT])
     got = _full(_load(out), ids)
     assert float((got - _torch_logits(model, ids)).abs().max()) <= PARITY_TOL
+
+
+def test_adapter_export_matches_peft_merged_model_not_the_base(et_export):
+    out, merged = et_export
+    assert read_manifest(out)["export"]["adapter"]["kind"] == "peft"
+    ids = torch.tensor([PROMPT])
+    got = _full(_load(out), ids)
+    assert float((got - _torch_logits(merged, ids)).abs().max()) <= PARITY_TOL
+    assert float((got - _torch_logits(make_tiny_opt(seed=0), ids)).abs().max()) > 100 * PARITY_TOL
 
 
 def test_kv_cache_decode_matches_full_forward(et_export):
@@ -120,7 +138,7 @@ def test_patching_ptd_bytes_and_reloading_changes_output_to_patched_model(et_exp
     original_module = _load(out)       # stays loaded: a weight cache keyed at export time would serve it stale
     before = _full(original_module, ids)
 
-    patched_model = make_tiny_opt(seed=0)
+    patched_model = _copy(model)
     ptd = bytearray((out / DATA_FILE).read_bytes())
     rng = np.random.default_rng(0)
     for w in manifest["weights"]:
@@ -149,8 +167,8 @@ def test_patching_ptd_bytes_and_reloading_changes_output_to_patched_model(et_exp
 
 
 def test_parity_check_fails_when_the_files_do_not_match_the_model(et_export):
-    out, _ = et_export
-    other = make_tiny_opt(seed=0)
+    out, model = et_export
+    other = _copy(model)
     with torch.no_grad():
         other.get_parameter("model.decoder.layers.1.fc1.weight")[0, :4] += 0.5
     with pytest.raises(ExportError, match="parity check failed"):
@@ -158,8 +176,8 @@ def test_parity_check_fails_when_the_files_do_not_match_the_model(et_export):
 
 
 def test_weight_map_refuses_a_weight_the_ptd_does_not_hold(et_export):
-    out, _ = et_export
-    other = make_tiny_opt(seed=0)
+    out, model = et_export
+    other = _copy(model)
     with torch.no_grad():
         other.get_parameter("model.decoder.layers.0.self_attn.v_proj.weight")[3, 3] += 1.0
     with pytest.raises(ExportError, match=r"layers\.0\.self_attn\.v_proj\.weight: no tensor"):
@@ -168,8 +186,8 @@ def test_weight_map_refuses_a_weight_the_ptd_does_not_hold(et_export):
 
 def test_weights_with_identical_bytes_share_storage_and_are_not_patchable(et_export):
     # XNNPACK keys a weight by the hash of its bytes, so two equal weights become one stored tensor
-    out, _ = et_export
-    twin = make_tiny_opt(seed=0)
+    out, model = et_export
+    twin = _copy(model)
     q, k = "model.decoder.layers.0.self_attn.q_proj.weight", "model.decoder.layers.0.self_attn.k_proj.weight"
     with torch.no_grad():
         twin.get_parameter(k).copy_(twin.get_parameter(q))
