@@ -1,7 +1,7 @@
 """ExecuTorch backend: a private copy of model.ptd is the patch target; a switch reloads the program from it.
 
-XNNPACK packs each Linear weight when the method loads and reads only its packed copy afterwards, so a patch is
-made live by loading the program again from the patched bytes (about 0.2-0.3 s for opt-125m; docs/runtime.md).
+XNNPACK packs each Linear weight on the method's first execute and reads only its packed copy afterwards, so a
+patch is made live by loading the program again from the patched bytes and running one token (docs/runtime.md).
 The loader takes the data map as a `bytes` object and reads it in place (no copy), for the constants it does not
 pack (embeddings, LayerNorms) during every run. The backend therefore keeps one `bytes` copy of the .ptd and
 writes into it through a writable view; nothing else holds or hashes that object.
@@ -76,6 +76,9 @@ class ExecuTorchBackend:
     def _reload(self) -> None:
         self._module = None             # release the old packed weights (and any cache entries) first
         self._module = self._load(self._pte, self._ptd)
+        # XNNPACK packs on the first execute, not at load: pay it here with one token, so the switch returns
+        # with the program at full speed. (It writes cache slot 0, which every sequence overwrites first.)
+        self._execute(np.zeros((1, 1), np.int64), 0)
 
     def weights_changed(self) -> None:
         pass

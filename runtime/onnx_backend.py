@@ -62,13 +62,21 @@ class OnnxBackend:
         self.eos_token_id = io.get("eos_token_id")
 
         self.slots, self.flat = self._load_buffers(manifest)
-        self._ortvalues = {}   # tensor name -> OrtValue over a view of flat; kept alive as long as the sessions
+        self._ortvalues = {}   # tensor name -> OrtValue over memory we own; kept alive as long as the sessions
         for w in manifest["weights"]:
             if w["patchable"]:
                 slot = self.slots[w["name"]]
                 shape = (slot.out, slot.inp) if slot.layout == "as_is" else (slot.inp, slot.out)
                 view = self.flat[slot.start: slot.start + slot.out * slot.inp].reshape(shape)
                 self._ortvalues[w["tensor"]] = ort.OrtValue.ortvalue_from_numpy(view)
+        for w in manifest["weights"]:
+            # Tensors the manifest lists but no adapter may touch (the tied embedding / lm_head): both sessions read
+            # one read-only map of the export file instead of loading a private copy each.
+            if not w["patchable"] and w["tensor"] not in self._ortvalues:
+                shape = w["shape"] if w["layout"] == "as_is" else w["shape"][::-1]
+                mapped = np.memmap(self.dir / w["file"], dtype="<f4", mode="r", offset=w["offset"],
+                                   shape=tuple(shape))
+                self._ortvalues[w["tensor"]] = ort.OrtValue.ortvalue_from_numpy(mapped)
 
         self._state = threading.Condition()
         self._generation = 0          # bumped by every switch, before the scatter

@@ -262,8 +262,12 @@ def test_bad_arguments_say_what_to_do(rt, adapters, tmp_path):
 # ---------------------------------------------------------------- threads
 
 
-@pytest.mark.parametrize("backend,policy", [("onnx", "instant"), ("onnx", "packed"), ("executorch", "auto")])
+@pytest.mark.parametrize("backend,policy", [("onnx", "instant"), ("onnx", "packed"), ("onnx", "auto"),
+                                            ("executorch", "auto")])
 def test_runs_in_other_threads_never_see_half_switched_weights(exports, adapters, backend, policy):
+    # "auto" serves from two sessions (direct, then packed) whose kernels round differently in the last bits, so
+    # there a run must match one valid state to 1e-5 (states differ by far more); elsewhere it must match exactly.
+    same = (lambda x, y: np.allclose(x, y, atol=1e-5, rtol=0)) if policy == "auto" else np.array_equal
     a, b = adapters["a"][1], adapters["b"][1]
     states = [None, a, b, [a, b]]
     with Runtime(exports[backend], policy=policy) as rt:
@@ -292,7 +296,7 @@ def test_runs_in_other_threads_never_see_half_switched_weights(exports, adapters
         assert not errors
         assert len(seen) >= 4
         for out in seen:
-            assert any(np.array_equal(out, v) for v in valid), "a run saw weights of no valid state"
+            assert any(same(out, v) for v in valid), "a run saw weights of no valid state"
 
 
 # ---------------------------------------------------------------- policies
@@ -317,3 +321,19 @@ def test_unknown_policy_is_refused(exports):
         Runtime(exports["onnx"], policy="fast")
     with pytest.raises(ValueError, match="instant"):
         Runtime(exports["executorch"], policy="instant")
+
+
+# ---------------------------------------------------------------- docs
+
+
+def test_module_docstrings_run(exports, tmp_path, monkeypatch):
+    import doctest
+
+    import shira_edge.runtime as runtime
+    from shira_edge.runtime import patch, rwlock, scatter
+
+    (tmp_path / "out").symlink_to(exports["onnx"])
+    monkeypatch.chdir(tmp_path)          # the package docstring uses out/ and writes a.shira here
+    for module in (runtime, patch, rwlock, scatter):
+        result = doctest.testmod(module)
+        assert result.failed == 0 and result.attempted > 0, module.__name__
