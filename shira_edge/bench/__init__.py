@@ -1,0 +1,8 @@
+"""`shira-edge bench`: SHiRA switching against LoRA fusion on this CPU, side by side, in one run.
+
+    from shira_edge.bench.runner import run_bench
+    result = run_bench(model="tiny-opt", backends=["onnxruntime"], ranks=[4], threads=1, quick=True, out_dir="bench/")
+
+Parts: weight_update (a, the paper's Fig. 7), switch (b), inference (c), memory (d); report writes bench.json,
+bench.md and bench.png. The method (warm-up, interleaving, paired ratios) is in stats.py.
+"""

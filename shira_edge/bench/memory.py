@@ -1,0 +1,127 @@
+"""Part (d): peak resident memory of each mode, each in a fresh Python process (a process never gives memory back
+to the OS reliably, so measuring modes one after another in one process would be meaningless).
+
+    python -m shira_edge.bench.memory '{"mode": "shira", "export_dir": "out/", "threads": 2, "shira": ["a.shira", "b.shira"]}'
+
+prints one JSON line: peak RSS (VmHWM of /proc/self/status: the high-water mark of this process image; getrusage's
+ru_maxrss would carry over the parent's size across fork+exec) and the RSS right after imports, before any model is loaded,
+so the model's own share is peak - baseline. Every mode loads, switches (where it can) between two adapters and runs
+a decode step and a 128-token prefill after each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+MODES = ("base", "shira", "lora_fused", "lora_unfused", "naive_reload")
+
+
+def measure(spec: dict) -> dict:
+    import numpy as np
+    import psutil
+
+    from ..exporters.manifest import read_manifest
+    from .engines import Loaded, set_threads, stepper
+
+    export_dir, mode, threads = Path(spec["export_dir"]), spec["mode"], int(spec["threads"])
+    manifest = read_manifest(export_dir)
+    backend = manifest["backend"]
+    if backend == "executorch" or mode == "lora_fused":
+        import torch  # noqa: F401  (loaded by every ExecuTorch mode; LoRA fusion uses it too)
+    if backend == "executorch":
+        from executorch.extension.pybindings import portable_lib  # noqa: F401
+    if backend == "onnxruntime":
+        import onnxruntime  # noqa: F401
+    set_threads(threads)
+    baseline = psutil.Process().memory_info().rss
+    kinds = ("decode", "prefill_128")
+
+    def run_all(obj, calls=None):
+        for kind in kinds:
+            (calls(kind) if calls else stepper(obj, manifest, kind))()
+
+    if mode == "base":
+        base = Loaded(backend, export_dir, manifest, threads)
+        run_all(None, base.call)
+    elif mode == "shira":
+        from ..runtime import Runtime
+
+        with Runtime(export_dir, threads=threads, policy="auto", scatter_threads=threads) as rt:
+            for path in spec["shira"]:
+                rt.switch(path)
+                rt.wait_ready()
+                run_all(rt)
+    elif mode == "lora_fused":
+        from .adapters import random_lora
+        from .lora_fused import LoraFused
+
+        lf = LoraFused(export_dir, manifest, threads)
+        weights = [w for w in manifest["weights"] if w["patchable"]]
+        old = None
+        for seed in (1, 2):
+            new = random_lora(weights, spec["r"], seed)
+            LoraFused.fuse(lf.plan(old, new))
+            lf.rebuild()
+            run_all(lf)
+            old = new
+        lf.close()
+    elif mode == "lora_unfused":
+        from .adapters import random_lora
+        from .onnx_side import OnnxSide
+
+        side = OnnxSide(export_dir, manifest, threads)
+        feeds = side.lora_feeds(random_lora([w for w in manifest["weights"] if w["patchable"]], spec["r"], 1))
+        model = Loaded(backend, export_dir, manifest, threads, model_path=Path(spec["lora_graph"]), extra_feeds=feeds)
+        run_all(None, model.call)
+    elif mode == "naive_reload":
+        model = None
+        for _ in range(2):
+            model = None
+            model = Loaded(backend, export_dir, manifest, threads, model_dir=Path(spec["fused_dir"]))
+            run_all(None, model.call)
+    else:
+        raise ValueError(f"mode {mode!r} is not one of {MODES}")
+    del np
+    peak = peak_rss()
+    return {"mode": mode, "backend": backend, "r": spec.get("r"), "peak_rss_bytes": peak,
+            "baseline_rss_bytes": baseline, "model_rss_bytes": peak - baseline}
+
+
+def peak_rss() -> int:
+    """Peak resident bytes of this process image (Linux VmHWM; elsewhere ru_maxrss, which may include a parent's)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024   # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def run_isolated(spec: dict, timeout: float = 900) -> dict:
+    """Run `measure(spec)` in a fresh interpreter and return its result."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "shira_edge.bench.memory", json.dumps(spec)], capture_output=True,
+                          text=True, env=env, timeout=timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"memory measurement of mode {spec['mode']!r} failed (exit {proc.returncode}): {tail}")
+    return json.loads(lines[-1])
+
+
+def main(argv: list[str]) -> int:
+    print(json.dumps(measure(json.loads(argv[0]))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
