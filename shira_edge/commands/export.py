@@ -51,8 +51,7 @@ def export(model_name, fmt, adapter, targets, random_init, seed, max_seq_len, at
 def run_export(model_name, *, fmt="onnx", adapter=None, targets=(), random_init=False, seed=0, max_seq_len=256,
                atol=1e-4, force=False, out_dir, stages) -> dict:
     """The whole export; returns the manifest written to out_dir. Raises ExportError with a one-line reason."""
-    from shira_edge.exporters.common import (ExportError, copy_tokenizer, resolve_targets, restrict_patchable,
-                                             staged_output_dir)
+    from shira_edge.exporters.common import ExportError, resolve_targets, restrict_patchable, staged_output_dir
     from shira_edge.exporters.fuse_adapter import check_adapter_path, fuse_adapter
     from shira_edge.exporters.manifest import write_manifest
     from shira_edge.models import ModelNotAvailable, load_model, resolve
@@ -73,28 +72,35 @@ def run_export(model_name, *, fmt="onnx", adapter=None, targets=(), random_init=
             if adapter:
                 model, fused = fuse_adapter(model, adapter)
             chosen = resolve_targets(model, targets) if targets else None
-        if fmt == "onnx":
-            from shira_edge.exporters.onnx_export import export_onnx
-
-            manifest = export_onnx(model, info, tmp, stages=stages, atol=atol)
-        else:
-            from shira_edge.exporters.executorch_export import export_executorch
-
-            manifest = export_executorch(model, info, tmp, stages=stages, max_seq_len=max_seq_len, targets=chosen,
-                                         atol=atol)
-        if chosen:
-            restrict_patchable(manifest["weights"], chosen)
-        tokenizer = _copy_tokenizer(info.source, tmp / "tokenizer", copy_tokenizer)
-        manifest.setdefault("files", {})["tokenizer"] = "tokenizer" if tokenizer else None
-        manifest["export"].update({"adapter": fused, "stage_seconds": dict(stages.seconds)})
         try:
+            manifest = _export_format(fmt, model, info, tmp, stages=stages, max_seq_len=max_seq_len,
+                                      targets=chosen, atol=atol)
+            if chosen:
+                restrict_patchable(manifest["weights"], chosen)
+            has_tokenizer = _copy_tokenizer(info.source, tmp / "tokenizer")
+            manifest.setdefault("files", {})["tokenizer"] = "tokenizer" if has_tokenizer else None
+            manifest["export"].update({"adapter": fused, "stage_seconds": dict(stages.seconds)})
             write_manifest(tmp, manifest)
-        except OSError as exc:
-            raise ExportError(f"cannot write {out_dir}: {exc.strerror or exc}") from None
+        except OSError as exc:  # disk full, permissions changed under us, ...
+            raise ExportError(f"writing {out_dir} failed: {exc}; nothing was written") from None
     return manifest
 
 
-def _copy_tokenizer(source: str, dest: Path, copy_tokenizer) -> bool:
+def _export_format(fmt, model, info, out_dir, *, stages, max_seq_len, targets, atol) -> dict:
+    """Thin dispatch: each format's exporter writes its files into out_dir and returns the manifest dict."""
+    if fmt == "onnx":
+        from shira_edge.exporters.onnx_export import export_onnx
+
+        return export_onnx(model, info, out_dir, stages=stages, atol=atol)
+    from shira_edge.exporters.executorch_export import export_executorch
+
+    return export_executorch(model, info, out_dir, stages=stages, max_seq_len=max_seq_len, targets=targets,
+                             atol=atol)
+
+
+def _copy_tokenizer(source: str, dest: Path) -> bool:
+    from shira_edge.exporters.common import copy_tokenizer
+
     if Path(source).is_dir():
         return copy_tokenizer(source, dest)
     try:  # a hub id: only what the local cache already holds (offline)
