@@ -144,6 +144,22 @@ def scatter_floor(export_dir: Path, adapter: Path, repeats: int) -> dict:
                 scatter_into(flat, plan.positions, plan.values, threads)
                 one.append((threads, time.perf_counter() - t))
                 scatter_into(flat, plan.positions, plan.base, threads)
+        # LoRA fusion into the same buffers at the same parameter count (r = density * out*in / (out+in)):
+        # W += B @ A per weight, in the buffer's layout (a transposed buffer gets (B @ A).T = A.T @ B.T).
+        rng, lora = np.random.default_rng(0), []
+        slots = [s for s in rt._backend.slots.values() if s.patchable]
+        factors = []
+        for slot in slots:
+            r = max(1, round(plan.positions.size / len(slots) / (slot.out + slot.inp)))
+            b = rng.standard_normal((slot.out, r), dtype=np.float32)
+            a = rng.standard_normal((r, slot.inp), dtype=np.float32)
+            factors.append((slot, b, a) if slot.layout == "as_is" else (slot, a.T.copy(), b.T.copy()))
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for slot, left, right in factors:
+                view = flat[slot.start: slot.start + slot.out * slot.inp].reshape(left.shape[0], right.shape[1])
+                view += left @ right
+            lora.append(time.perf_counter() - t)
         floor = lines * 64 * 2 / bandwidth
         res = {"touched_lines": int(lines), "touched_mb": round(lines * 64 / 2**20, 1),
                "copy_bandwidth_gb_s": round(bandwidth / 1e9, 2), "floor_ms": round(floor * 1e3, 2)}
@@ -151,6 +167,8 @@ def scatter_floor(export_dir: Path, adapter: Path, repeats: int) -> dict:
             ms = median_ms([s for t, s in one if t == threads])
             res[f"scatter_ms_{threads}thread"] = round(ms, 2)
             res[f"x_floor_{threads}thread"] = round(ms / 1e3 / floor, 2)
+        res["lora_fusion_ms (W += B@A, same params)"] = round(median_ms(lora), 1)
+        res["lora_over_shira_scatter_1thread"] = round(median_ms(lora) / res["scatter_ms_1thread"], 1)
         return res
 
 
