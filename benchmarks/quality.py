@@ -242,6 +242,15 @@ def mask_overlap(a: dict[str, set[int]], b: dict[str, set[int]]) -> float:
     return sum(len(a[n] & b[n]) for n in a) / sum(len(a[n]) for n in a)
 
 
+def delta_geometry(d1: dict[str, Any], d2: dict[str, Any]) -> dict[str, float]:
+    """Frobenius norms of two adapters' deltas over all layers, and their cosine: fusion interference grows with
+    how large the other adapter's delta is and how aligned the two are."""
+    dot = sum(float((d1[n] * d2[n]).sum()) for n in d1)
+    n1 = math.sqrt(sum(float(d.pow(2).sum()) for d in d1.values()))
+    n2 = math.sqrt(sum(float(d.pow(2).sum()) for d in d2.values()))
+    return {"delta_norm_task1": n1, "delta_norm_task2": n2, "delta_cosine": dot / (n1 * n2) if n1 and n2 else 0.0}
+
+
 class Scorer:
     """Held-out loss of the base model with weight deltas added (scale 1.0 each); weights restored after."""
 
@@ -355,7 +364,7 @@ def run_quality(size: Size, corpora: dict[str, list[str]], work: Path,
             d1, s1 = kept.pop(("task1", name, lr, seed))
             d2, s2 = kept.pop(("task2", name, lr, seed + TASK2_SEED_OFFSET))
             row = {"label": name, "method": method, "mask": mask, "lr": lr, "seed": seed,
-                   "mask_overlap": mask_overlap(s1, s2) if method == "shira" else None}
+                   "mask_overlap": mask_overlap(s1, s2) if method == "shira" else None, **delta_geometry(d1, d2)}
             for task, own in (("task1", d1), ("task2", d2)):
                 row[f"{task}_alone"] = scorer.loss([own], held[task]["test"])
                 row[f"{task}_fused"] = scorer.loss([d1, d2], held[task]["test"])
@@ -416,12 +425,13 @@ def markdown(res: dict[str, Any]) -> str:
 
     out += ["", "### Fusion: test loss with the task's own adapter alone -> with both adapters added (scale 1.0)", "",
             "| method | seed | task1 alone | task1 fused | Δ task1 | task2 alone | task2 fused | Δ task2 | "
-            "mean Δ | mask overlap |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "mean Δ | mask overlap | ‖ΔW1‖ | ‖ΔW2‖ | cos(ΔW1, ΔW2) |", "|---" * 13 + "|"]
     for r in res["fusion"]:
         d1, d2 = r["task1_fused"] - r["task1_alone"], r["task2_fused"] - r["task2_alone"]
         overlap = "-" if r["mask_overlap"] is None else f"{r['mask_overlap']:.1%}"
         out.append(f"| {r['label']} | {r['seed']} | {r['task1_alone']:.4f} | {r['task1_fused']:.4f} | {d1:+.4f} | "
-                   f"{r['task2_alone']:.4f} | {r['task2_fused']:.4f} | {d2:+.4f} | {(d1 + d2) / 2:+.4f} | {overlap} |")
+                   f"{r['task2_alone']:.4f} | {r['task2_fused']:.4f} | {d2:+.4f} | {(d1 + d2) / 2:+.4f} | {overlap} | "
+                   f"{r['delta_norm_task1']:.2f} | {r['delta_norm_task2']:.2f} | {r['delta_cosine']:.3f} |")
     if len(seeds) > 1:
         out += ["", "Mean over seeds:", "", "| method | Δ task1 | Δ task2 | mean Δ |", "|---|---|---|---|"]
         for name in labels:
@@ -440,7 +450,8 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("-o", "--output", required=True, type=Path, help="JSON results (tables go to the .md beside it)")
+    parser.add_argument("-o", "--output", required=True, type=Path,
+                        help="JSON results (the tables also go to the .md beside it)")
     parser.add_argument("--quick", action="store_true", help="smaller model, corpora and sweep (~1-2 min)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     parser.add_argument("--seeds", type=int, nargs="+", help="adapter seeds (default: 0 1, --quick: 0)")
