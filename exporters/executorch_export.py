@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -117,8 +118,12 @@ def _lower(ep):
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
 
     edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
-    # external_constants also sends the non-delegated constants (embeddings, LayerNorms) to the .ptd
-    return edge.to_executorch(ExecutorchBackendConfig(external_constants=lambda node: DATA_TAG))
+    with warnings.catch_warnings():
+        # "Mutation on a buffer ... meaningless initial state": expected for the KV cache, which OptStaticCache
+        # never reads before writing (it masks and zeroes unwritten slots)
+        warnings.filterwarnings("ignore", message="Mutation on a buffer", category=UserWarning)
+        # external_constants also sends the non-delegated constants (embeddings, LayerNorms) to the .ptd
+        return edge.to_executorch(ExecutorchBackendConfig(external_constants=lambda node: DATA_TAG))
 
 
 def ptd_index(data: bytes) -> dict[str, tuple[int, int, int]]:

@@ -43,7 +43,7 @@ def measure(export_dir: Path, repeats: int = 5, prompt_len: int = 32, eager: boo
         return method
 
     def reload_from_buffer():
-        module = portable_lib._load_for_executorch_from_buffer(pte, ptd)   # ptd must outlive module: it does here
+        module = portable_lib._load_for_executorch_from_buffer(pte, ptd)   # both must outlive module: they do here
         module.run_method(method_name, decode_args)
 
     method = reload_from_file()

@@ -46,13 +46,17 @@ def _copy(model):
     return copy.deepcopy(model).eval()
 
 
+_ALIVE: list[bytes] = []   # buffers handed to the loader: it keeps pointers into them, not references
+
+
 def _load(out, ptd: bytes | None = None):
     """Load model.pte with its weights from a file (ptd None) or from an in-memory buffer."""
     from executorch.extension.pybindings import portable_lib
 
-    pte = (out / PROGRAM_FILE).read_bytes()
     if ptd is None:
         return portable_lib._load_for_executorch(str(out / PROGRAM_FILE), str(out / DATA_FILE))
+    pte = (out / PROGRAM_FILE).read_bytes()
+    _ALIVE.extend([pte, ptd])
     return portable_lib._load_for_executorch_from_buffer(pte, ptd)
 
 
@@ -152,7 +156,7 @@ def test_patching_ptd_bytes_and_reloading_changes_output_to_patched_model(et_exp
         buf = param.detach().numpy() if w["layout"] == "as_is" else param.detach().numpy().T
         ptd[w["offset"]: w["offset"] + w["nbytes"]] = np.ascontiguousarray(buf, dtype="<f4").tobytes()
 
-    ptd_bytes = bytes(ptd)             # the module reads this buffer lazily: keep it alive while it is used
+    ptd_bytes = bytes(ptd)
     if from_buffer:
         reloaded = _load(out, ptd_bytes)
     else:
