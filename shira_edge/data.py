@@ -122,11 +122,12 @@ def split_blocks(blocks: torch.Tensor, eval_fraction: float, seed: int) -> tuple
 
 
 def load_blocks(path: str | Path, tokenizer: Tokenizer, seq_len: int, eval_fraction: float = 0.1,
-                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, held-out) blocks of token ids from a data file; errors name the file."""
+                seed: int = 0, texts: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) blocks of token ids from a data file (`texts`: its documents, if already read);
+    errors name the file."""
     if seq_len < 2:
         raise DataError(f"--seq-len must be at least 2, got {seq_len}")
-    blocks = make_blocks(read_texts(path), tokenizer.encode, seq_len)
+    blocks = make_blocks(read_texts(path) if texts is None else texts, tokenizer.encode, seq_len)
     try:
         return split_blocks(blocks, eval_fraction, seed)
     except DataError as exc:

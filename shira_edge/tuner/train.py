@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from shira_edge.data import DataError, load_tokenizer, make_blocks, read_texts, split_blocks
+from shira_edge.data import load_blocks, load_tokenizer, read_texts
 from shira_edge.models import ModelInfo, ModelNotAvailable, load_model
 
 from .layer import EfficientShiraLinear, to_peft
@@ -167,7 +167,7 @@ def train_adapter(model: str, data: str | Path, out_dir: str | Path | None, *, m
                   force: bool = False, progress: bool = True, device: str | None = None) -> TrainResult:
     """Train one adapter and (rank 0) write it to `out_dir`. Without steps or epochs: one epoch.
 
-    Bad input raises DataError, TunerInputError (with the CLI `.flag`) or ModelNotAvailable before training.
+    Bad input raises shira_edge.data.DataError or TunerInputError (with the CLI `.flag`) before training.
     `seed` seeds the mask, the data split and order, and a random-init base model. `efficient=False` trains
     with PEFT's own SHiRA forward (for comparisons).
     """
@@ -182,10 +182,7 @@ def train_adapter(model: str, data: str | Path, out_dir: str | Path | None, *, m
     if max_pos is not None and seq_len > max_pos:
         raise TunerInputError("--seq-len", f"--seq-len {seq_len} exceeds the model's {max_pos} positions")
     tokenizer = load_tokenizer(info.source, base.config.vocab_size)
-    try:
-        train_blocks, eval_blocks = split_blocks(make_blocks(texts, tokenizer.encode, seq_len), eval_fraction, seed)
-    except DataError as exc:
-        raise DataError(f"data file {data}: {exc}") from None
+    train_blocks, eval_blocks = load_blocks(data, tokenizer, seq_len, eval_fraction, seed, texts=texts)
     targets = find_targets(base, target_modules)
     if method == "shira":
         check_rank(targets, r)
