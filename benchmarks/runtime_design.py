@@ -11,6 +11,12 @@ Adapters are random SHiRA adapters at --density over every patchable weight, mad
 
 from __future__ import annotations
 
+import os
+
+# One BLAS thread, like the one-thread scatter it is compared with; BLAS's default pool oversubscribes shared cores.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import argparse
 import json
 import subprocess
@@ -203,7 +209,7 @@ def executorch_numbers(export_dir: Path, adapters: list[Path], threads: int, rep
 
 MEMORY_CHILD = r"""
 import sys, time, gc, psutil, numpy as np
-kind, d, adapter = sys.argv[1], sys.argv[2], sys.argv[3]
+kind, d, adapters = sys.argv[1], sys.argv[2], sys.argv[3:]
 import onnxruntime
 from shira_edge.runtime import Runtime
 proc = psutil.Process()
@@ -218,16 +224,18 @@ if kind == "plain":
           for i in s.get_inputs()[3:]}})
 else:
     rt = Runtime(d, policy=kind)
-    rt.switch(adapter); rt.wait_ready(); rt.run([[2, 3, 4, 5]])
+    for i in range(4):   # two adapters, switched back and forth: steady state, plans cached
+        rt.switch(adapters[i % 2]); rt.wait_ready(); rt.run([[2, 3, 4, 5]])
 r1, u1 = mem()
 print(f"{(r1 - r0) / 2**20:.1f} {(u1 - u0) / 2**20:.1f}")
 """
 
 
-def memory(export_dir: Path, adapter: Path) -> dict:
+def memory(export_dir: Path, adapters: list[Path]) -> dict:
+    """USS (private memory) of a fresh process after loading: a plain session vs the runtime after 4 switches."""
     out = {}
     for kind in ("plain", "instant", "auto", "packed"):
-        res = subprocess.run([sys.executable, "-c", MEMORY_CHILD, kind, str(export_dir), str(adapter)],
+        res = subprocess.run([sys.executable, "-c", MEMORY_CHILD, kind, str(export_dir), *map(str, adapters)],
                              capture_output=True, text=True, check=True)
         rss, uss = (float(x) for x in res.stdout.split())
         out[kind] = {"rss_mb": rss, "uss_mb": uss}
@@ -258,7 +266,7 @@ def main(argv=None) -> dict:
                 "switch": lambda: switch_times(args.onnx, adapters, args.threads, max(3, args.repeats // 2),
                                                ("instant", "auto", "packed")),
                 "floor": lambda: scatter_floor(args.onnx, adapters[0], args.repeats),
-                "memory": lambda: memory(args.onnx, adapters[0]),
+                "memory": lambda: memory(args.onnx, adapters),
             }
             for name, fn in sections.items():
                 if name not in skip:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -70,14 +69,13 @@ def buffer_order(slot: Slot, sorted_indices: np.ndarray) -> np.ndarray | None:
     return np.argsort(key, kind="stable")
 
 
-@lru_cache(maxsize=8)
-def _file_map(path: Path) -> np.memmap:
-    return np.memmap(path, dtype=np.uint8, mode="r")
 
 
 def read_base(slot: Slot, positions: np.ndarray) -> np.ndarray:
     """Base values at buffer positions of one slot, from the export's file (never from the live, patched buffer)."""
-    weights = np.frombuffer(_file_map(slot.file), "<f4", slot.out * slot.inp, slot.offset)
+    # A plain read, not a kept memmap: a mapping would keep the pages it touched (at 1% random density, nearly
+    # all of them) resident in this process long after the plan is built.
+    weights = np.fromfile(slot.file, "<f4", slot.out * slot.inp, offset=slot.offset)
     return weights[positions - slot.start].astype(np.float32)
 
 
