@@ -68,10 +68,11 @@ class Size:
     code_chars: int = 1_500_000      # caps on the extracted corpora
     doc_chars: int = 600_000
     calib_batches: int = 4           # grad/snip calibration batches (train_adapter's default)
+    fusion_lr: float | None = None   # one lr for every method's further seeds and fusion (default: each its best)
 
 
 FULL = Size()
-QUICK = Size(hidden=64, ffn=256, layers=2, pretrain_steps=60, steps=25, lrs=(1e-2, 3e-2), seeds=(0,),
+QUICK = Size(hidden=64, ffn=256, layers=2, pretrain_steps=60, steps=25, lrs=(3e-3, 1e-2, 3e-2), seeds=(0,),
              eval_blocks=32, code_chars=200_000, doc_chars=150_000)
 
 
@@ -324,7 +325,7 @@ def run_quality(size: Size, corpora: dict[str, list[str]], work: Path,
              f"task2 test {base_loss['task2']['test']:.3f} (un-adapted) | {pretrain_s:.0f}s")
 
     sweep, kept = [], {}
-    total = len(METHODS) * (len(size.lrs) + 2 * (len(size.seeds) - 1) + 1)
+    total = len(METHODS) * (len(size.lrs) + 2 * len(size.seeds) - (size.fusion_lr in (None, *size.lrs)))
     done = 0
 
     def record(task: str, method: str, mask: str | None, lr: float, seed: int) -> dict[str, Any]:
@@ -350,15 +351,17 @@ def run_quality(size: Size, corpora: dict[str, list[str]], work: Path,
     for method, mask in METHODS:
         rows = [record("task1", method, mask, lr, first) for lr in size.lrs]
         best_lr[label(method, mask)] = min(rows, key=lambda r: r["val_loss"])["lr"]
-        for key in [k for k in kept if k[0] == "task1" and k[1] == label(method, mask) and k[2] != best_lr[k[1]]]:
-            del kept[key]  # only the chosen adapter is needed for fusion
+    seed_lr = {name: size.fusion_lr or lr for name, lr in best_lr.items()}
+    for key in [k for k in kept if k[2] != seed_lr[k[1]]]:
+        del kept[key]  # only the adapters at the fusion lr are needed
 
-    # Further seeds at the chosen LR, and the task-2 adapters for fusion.
+    # Further seeds at the fusion lr (each method's chosen one by default), and the task-2 adapters for fusion.
     fusion = []
     for seed in size.seeds:
         for method, mask in METHODS:
-            name, lr = label(method, mask), best_lr[label(method, mask)]
-            if seed != first:
+            name = label(method, mask)
+            lr = seed_lr[name]
+            if ("task1", name, lr, seed) not in kept:
                 record("task1", method, mask, lr, seed)
             record("task2", method, mask, lr, seed + TASK2_SEED_OFFSET)
             d1, s1 = kept.pop(("task1", name, lr, seed))
@@ -381,6 +384,7 @@ def run_quality(size: Size, corpora: dict[str, list[str]], work: Path,
         "base_loss": base_loss,
         "pretrain_s": pretrain_s,
         "best_lr": best_lr,
+        "seed_lr": seed_lr,
         "sweep": sweep,
         "fusion": fusion,
         "wall_s": time.perf_counter() - t0,
@@ -413,17 +417,19 @@ def markdown(res: dict[str, Any]) -> str:
         trainable = next(r["trainable"] for r in rows1 if r["label"] == name)
         out.append(f"| {name} | {trainable:,} | " + " | ".join(cells) + f" | {res['best_lr'][name]:g} |")
 
-    out += ["", "### Held-out test loss at the chosen lr (task 1)", "",
+    same = "the chosen lr" if res["size"]["fusion_lr"] is None else f"lr {res['size']['fusion_lr']:g} (--fusion-lr)"
+    out += ["", f"### Held-out test loss at {same} (task 1)", "",
             "| method | lr | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | vs un-adapted |",
             "|---|---|" + "---|" * len(seeds) + "---|---|"]
     for name in labels:
-        lr = res["best_lr"][name]
+        lr = res["seed_lr"][name]
         losses = [next(r["test_loss"] for r in rows1 if r["label"] == name and r["lr"] == lr and r["seed"] == s)
                   for s in seeds]
         out.append(f"| {name} | {lr:g} | " + " | ".join(f"{x:.4f}" for x in losses) +
                    f" | {_mean(losses):.4f} | {_mean(losses) - base['task1']['test']:+.4f} |")
 
-    out += ["", "### Fusion: test loss with the task's own adapter alone -> with both adapters added (scale 1.0)", "",
+    out += ["", f"### Fusion at {same}: test loss with the task's own adapter alone -> with both adapters added "
+            "(scale 1.0 each)", "",
             "| method | seed | task1 alone | task1 fused | Δ task1 | task2 alone | task2 fused | Δ task2 | "
             "mean Δ | mask overlap | ‖ΔW1‖ | ‖ΔW2‖ | cos(ΔW1, ΔW2) |", "|---" * 13 + "|"]
     for r in res["fusion"]:
@@ -455,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller model, corpora and sweep (~1-2 min)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     parser.add_argument("--seeds", type=int, nargs="+", help="adapter seeds (default: 0 1, --quick: 0)")
+    parser.add_argument("--fusion-lr", type=float,
+                        help="train the further seeds and the fused pairs of every method at this lr instead of "
+                             "each method's best (separates the method from the size of its chosen step)")
     args = parser.parse_args(argv)
     if args.output.suffix != ".json":
         parser.error(f"-o {args.output}: the results file must end in .json")
@@ -472,6 +481,10 @@ def main(argv: list[str] | None = None) -> int:
     size = QUICK if args.quick else FULL
     if args.seeds:
         size = dataclasses.replace(size, seeds=tuple(args.seeds))
+    if args.fusion_lr is not None:
+        if not args.fusion_lr > 0:
+            parser.error(f"--fusion-lr must be positive, got {args.fusion_lr}")
+        size = dataclasses.replace(size, fusion_lr=args.fusion_lr)
     start = time.perf_counter()
     corpora = build_corpora(size.code_chars, size.doc_chars)
     log(f"corpora: " + ", ".join(f"{k} {len(v)} docs / {sum(map(len, v)):,} chars" for k, v in corpora.items()) +
