@@ -75,6 +75,7 @@ class OnnxBackend:
         self._generation = 0          # bumped by every switch, before the scatter
         self._complete = 0            # the generation whose scatter has finished: the only one safe to build from
         self._packed = None           # (generation it was built at, session)
+        self._retired = None          # a stale packed session waiting to be freed off the switch path
         self._direct = self._session(prepack=False) if policy != "packed" else None
         self._builder = None
         self._closed = False
@@ -133,6 +134,8 @@ class OnnxBackend:
                 if self._closed:
                     return
                 generation = self._generation
+                retired, self._retired = self._retired, None
+            del retired     # the stale packed session, freed here before its successor is packed
             # Built without the lock: a switch during the build bumps the generation and the result is dropped,
             # since it may have read half-written buffers.
             release_freed_memory()
@@ -147,11 +150,13 @@ class OnnxBackend:
         """Called by the runtime under its write lock right before the scatter: the packed session is now stale."""
         with self._state:
             self._generation += 1
-            self._packed = None         # free its prepacked copy before a new one is built
+            # Freeing a prepacked copy takes tens of ms: leave it to the builder (or the rebuild), off this path.
+            self._retired, self._packed = self._packed, None
 
     def after_scatter(self) -> None:
         """Called under the write lock after the scatter: the buffers are whole again."""
         if self.policy == "packed":     # rebuild now; runs wait on the runtime's lock meanwhile
+            self._retired = None
             release_freed_memory()
             session = self._session(prepack=True)
         with self._state:
@@ -183,6 +188,7 @@ class OnnxBackend:
             self._state.notify_all()
         if self._builder is not None:
             self._builder.join()
+        self._packed = self._retired = self._direct = None
 
     # ------------------------------------------------------------------ running
 

@@ -117,20 +117,20 @@ class Runtime:
         new = self.plan(adapters, scales)
         prepared = time.perf_counter()
         with self._lock.writing():
-            locked = time.perf_counter()
+            locked = scatter_start = scattered = time.perf_counter()
             if new is not self._live:
                 self._backend.weights_changed()
                 flat, threads = self._backend.flat, self.scatter_threads
+                scatter_start = time.perf_counter()
                 scatter_into(flat, self._live.positions, self._live.base, threads)
                 scatter_into(flat, new.positions, new.values, threads)
                 self._live = new
                 scattered = time.perf_counter()
                 self._backend.after_scatter()
-            else:
-                scattered = time.perf_counter()
             done = time.perf_counter()
         self.last_switch = {"prepare_s": prepared - start, "wait_s": locked - prepared,
-                            "scatter_s": scattered - locked, "reload_s": done - scattered, "total_s": done - start}
+                            "scatter_s": scattered - scatter_start,
+                            "reload_s": (scatter_start - locked) + (done - scattered), "total_s": done - start}
 
     @property
     def active(self) -> tuple[tuple[str, float], ...]:
