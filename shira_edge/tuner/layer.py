@@ -59,13 +59,13 @@ def patched(weight: torch.Tensor, flat_idx: torch.Tensor, delta: torch.Tensor):
     """W[idx] += delta for the duration of the block; the original entries are copied back afterwards."""
     flat = weight.view(-1)
     with torch.no_grad():
-        original = flat[flat_idx]
-        flat.index_copy_(0, flat_idx, original + delta.to(weight.dtype))
+        original = flat.index_select(0, flat_idx)  # index_select / scatter_: the fastest gather / scatter on CPU
+        flat.scatter_(0, flat_idx, original + delta.to(weight.dtype))
     try:
         yield weight
     finally:
         with torch.no_grad():
-            flat.index_copy_(0, flat_idx, original)
+            flat.scatter_(0, flat_idx, original)
 
 
 class SparseDeltaLinear(torch.autograd.Function):
