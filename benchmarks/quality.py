@@ -1,7 +1,10 @@
 """Quality check: LoRA vs SHiRA (every mask) at equal trainable parameters, and the cost of fusing two adapters.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py -o quality.json          # full run, ~15 min, 1 thread
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py --quick -o /tmp/q.json   # ~1-2 min, smaller everything
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py -o quality.json          # ~5 min CPU, 9-12 min shared
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py --fusion-lr 0.003 -o q.json   # fusion at one common lr
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py --quick -o /tmp/q.json   # ~1 min, smaller everything
+
+Results and their reading: docs/quality.md.
 
 1. A small OPT (byte-level tokenizer, shira_edge.data.ByteTokenizer) is pre-trained from scratch on Python
    standard-library SOURCE code (the stdlib .py files, with docstrings and comments stripped via ast.unparse).
@@ -11,7 +14,7 @@
    The learning rate is picked per method on a validation split; the loss reported is on a separate test split.
    Every split is by document, with a fixed seed.
 3. Multi-adapter interference: each method also trains an adapter on `task2` (the Python language reference
-   text shipped in pydoc_data.topics, one document per topic) at its chosen learning rate. The two adapters' weight
+   text shipped in pydoc_data.topics, one document per topic) at its chosen learning rate (or --fusion-lr). The two adapters' weight
    deltas are added to the base at scale 1.0 each (SHiRA: both sparse deltas; LoRA: both B@A deltas), and each
    task's test loss with its own adapter alone is compared with its loss under the fused pair.
 
@@ -458,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-o", "--output", required=True, type=Path,
                         help="JSON results (the tables also go to the .md beside it)")
-    parser.add_argument("--quick", action="store_true", help="smaller model, corpora and sweep (~1-2 min)")
+    parser.add_argument("--quick", action="store_true", help="smaller model and corpora, one seed (~1 min)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     parser.add_argument("--seeds", type=int, nargs="+", help="adapter seeds (default: 0 1, --quick: 0)")
     parser.add_argument("--fusion-lr", type=float,
