@@ -14,9 +14,9 @@ Results and their reading: docs/quality.md.
    The learning rate is picked per method on a validation split; the loss reported is on a separate test split.
    Every split is by document, with a fixed seed.
 3. Multi-adapter interference: each method also trains an adapter on `task2` (the Python language reference
-   text shipped in pydoc_data.topics, one document per topic) at its chosen learning rate (or --fusion-lr). The two adapters' weight
-   deltas are added to the base at scale 1.0 each (SHiRA: both sparse deltas; LoRA: both B@A deltas), and each
-   task's test loss with its own adapter alone is compared with its loss under the fused pair.
+   text shipped in pydoc_data.topics, one document per topic) at its chosen learning rate (or --fusion-lr).
+   The two adapters' weight deltas are added to the base at scale 1.0 each (SHiRA: both sparse deltas; LoRA: both
+   B@A deltas), and each task's test loss with its own adapter alone is compared with its loss under the fused pair.
 
 Only the adapter seed (mask, LoRA init, data order) changes across --seeds; the pre-trained base is the same.
 The task-2 adapter uses seed + 100, so rand and struct masks differ between the two tasks (wm cannot: it depends
