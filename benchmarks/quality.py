@@ -470,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.output.suffix != ".json":
         parser.error(f"-o {args.output}: the results file must end in .json")
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
     if not args.output.parent.is_dir():
         parser.error(f"-o {args.output}: directory {args.output.parent} does not exist")
 
