@@ -118,6 +118,7 @@ def run(export_dir: Path, manifest: dict, r: int, shira: tuple[Path, Path], lora
             "lora_ready_over_shira_ready": paired_ratio(times["lora_fused"], warm_ready),
             "naive_ready_over_shira_ready": paired_ratio(times["naive_reload"], warm_ready),
             "lora_ready_over_shira_live": paired_ratio(times["lora_fused"], warm_live),
+            "naive_ready_over_shira_live": paired_ratio(times["naive_reload"], warm_live),
             "shira_cold_ready_over_warm_ready": paired_ratio(times["shira_cold.ready"], warm_ready),
             "shira_scatter_over_floor": paired_ratio(times["shira_warm.scatter"], times["floor_copy"]),
             "shira_live_over_floor": paired_ratio(warm_live, times["floor_copy"]),
