@@ -3,6 +3,7 @@
     python examples/switch_adapters.py                                   # tiny-opt: seconds
     python examples/switch_adapters.py --model opt-125m --random-init    # the real size (export takes minutes)
     python examples/switch_adapters.py --format executorch               # the ExecuTorch backend
+    python examples/switch_adapters.py --model opt-125m --random-init --export demo-out/onnx   # reuse an export
 
 The adapters are PEFT SHiRA adapters (`ShiraConfig(init_weights=False)`: random values on a random mask, untrained),
 saved by PEFT and packed by `shira-edge pack`, exactly as a trained one would be. Export and pack run the real
@@ -54,11 +55,12 @@ def main(argv=None) -> None:
     ap.add_argument("--r", type=int, default=4, help="SHiRA r: r*(in+out) entries per weight (r=4: ~1%% at 768)")
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--work", type=Path, help="where to write the export and adapters (default: a temp dir)")
+    ap.add_argument("--export", type=Path, help="use this existing export dir (e.g. make demo's) instead of exporting")
     args = ap.parse_args(argv)
 
     work = args.work or Path(tempfile.mkdtemp(prefix="shira-switch-"))
     init = ["--random-init"] if args.random_init else []
-    export = work / f"export-{args.format}"
+    export = args.export or work / f"export-{args.format}"
     if not (export / "manifest.json").is_file():
         shira_edge("export", "--model", args.model, *init, "--format", args.format, "-o", str(export), "--force")
     adapters = {}
