@@ -8,7 +8,10 @@ ratios are computed from those samples, and that bad input fails with a clear me
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -21,12 +24,15 @@ SAMPLES = 2
 
 @pytest.fixture(scope="session")
 def tiny_exports(tmp_path_factory):
-    from shira_edge.commands.export import run_export
-    from shira_edge.exporters.common import Stages
-
+    """Both tiny exports, made by the real CLI in two processes side by side (they are independent)."""
     root = tmp_path_factory.mktemp("bench-exports")
-    for fmt in ("onnx", "executorch"):
-        run_export("tiny-opt", fmt=fmt, max_seq_len=256, out_dir=root / fmt, stages=Stages(quiet=True))
+    cli = [sys.executable, "-m", "shira_edge.cli", "export", "--model", "tiny-opt", "--max-seq-len", "256"]
+    procs = [subprocess.Popen([*cli, "--format", fmt, "-o", str(root / fmt)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+             for fmt in ("onnx", "executorch")]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-2000:]
     return root
 
 

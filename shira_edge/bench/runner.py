@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 BACKENDS = ("onnxruntime", "executorch")
@@ -102,10 +103,10 @@ def run_bench(model: str, *, backends, ranks, threads: int, quick: bool, out_dir
                     if i == 0:
                         modes = ["base", "naive_reload"] + modes
                     mem_specs += [{**spec, "mode": mode} for mode in modes]
-        bar.set_description("(d) memory")
-        for spec in mem_specs:
-            bar.set_postfix_str(f"{spec['mode']} {Path(spec['export_dir']).name} r={spec['r']}")
-            parts["d_memory"].append(memory.run_isolated(spec))
+        bar.set_description(f"(d) memory, {len(mem_specs)} processes")
+        # Peak RSS is per process, so processes may run side by side (up to `threads`) without changing it.
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            parts["d_memory"] = list(pool.map(memory.run_isolated, mem_specs))
         tick()
     finally:
         bar.close()
