@@ -198,7 +198,14 @@ class Runtime:
         return buf.reshape(slot.out, slot.inp) if slot.layout == "as_is" else buf.reshape(slot.inp, slot.out).T.copy()
 
     def close(self) -> None:
-        self._backend.close()
+        """Stop the background builder and release the sessions; the runtime cannot run afterwards."""
+        backend = getattr(self, "_backend", None)
+        if backend is not None:
+            backend.close()
+
+    def __del__(self):
+        # The builder thread holds the backend, not the Runtime: dropping the last Runtime reference stops it.
+        self.close()
 
     def __enter__(self):
         return self
