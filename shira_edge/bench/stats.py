@@ -85,6 +85,7 @@ def machine_info() -> dict:
         except PackageNotFoundError:
             versions[pkg] = None
     return {
+        "git_commit": _git_commit(),
         "cpu": cpu, "machine": platform.machine(), "system": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(), "logical_cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
@@ -93,3 +94,19 @@ def machine_info() -> dict:
         "versions": versions,
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit (with "+dirty" when files differ), so a result names the code that produced it."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit + ("+dirty" if dirty else "")) if commit else None
