@@ -107,7 +107,10 @@ def adapt(model: nn.Module, *, method: str = "shira", r: int = 32, target_module
         raise TunerInputError("--r", f"--r must be a positive integer, got {r}")
     config = adapter_config(method, r=r, target_modules=target_modules, mask=mask, mask_seed=mask_seed,
                             grads=grads, lora_alpha=lora_alpha)
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # PEFT asks transformers 5 a deprecated question here; the notice says nothing about this run.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, config)
     if method == "shira" and efficient:
         to_efficient(peft_model)
     return peft_model
