@@ -68,6 +68,19 @@ def main(ctx: click.Context) -> None:
     """
     if ctx.invoked_subcommand is None:
         click.echo(ctx.get_help())
+    quiet_library_noise()
+
+
+def quiet_library_noise() -> None:
+    """Silence library chatter that says nothing to a shira-edge user (torchao's optional CUDA kernels failing to
+    load on a CPU machine, torchvision ops the ONNX registry skips, a pytree deprecation), so each command's own
+    lines stay readable. Errors still show."""
+    import logging
+    import warnings
+
+    for name in ("torchao", "torch.utils._pytree", "torch.onnx._internal.exporter._registration"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
 
 
 if __name__ == "__main__":

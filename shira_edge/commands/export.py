@@ -36,7 +36,6 @@ def export(model_name, fmt, adapter, targets, random_init, seed, max_seq_len, at
     """Export a model to ONNX (default) or ExecuTorch, with a manifest of every adaptable weight."""
     from shira_edge.exporters.common import ExportError, Stages
 
-    _quiet_known_noise()
     try:
         manifest = run_export(model_name, fmt=fmt, adapter=adapter, targets=_split(targets), random_init=random_init,
                               seed=seed, max_seq_len=max_seq_len, atol=atol, force=force, out_dir=out_dir,
@@ -111,17 +110,6 @@ def _copy_tokenizer(source: str, dest: Path) -> bool:
         return True
     except Exception:  # noqa: BLE001 - no tokenizer in the cache is normal for --random-init
         return False
-
-
-def _quiet_known_noise() -> None:
-    """Silence library chatter that says nothing about this export (torchao's optional CUDA kernels, torchvision
-    ops the ONNX registry skips, a pytree deprecation), so the stage lines stay readable. Errors still show."""
-    import logging
-    import warnings
-
-    for name in ("torchao", "torch.utils._pytree", "torch.onnx._internal.exporter._registration"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
 
 
 def _split(targets: str | None) -> list[str]:
