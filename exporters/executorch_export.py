@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from shira_edge.exporters.common import ExportError, Stages
-from shira_edge.exporters.manifest import FORMAT_VERSION, weight_entry
+from shira_edge.runtime.manifest import FORMAT_VERSION, weight_entry
 from shira_edge.runtime.fingerprint import base_fingerprint, weight_digest
 
 PROGRAM_FILE = "model.pte"

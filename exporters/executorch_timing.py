@@ -23,7 +23,7 @@ def measure(export_dir: Path, repeats: int = 5, prompt_len: int = 32, eager: boo
     from executorch.extension.pybindings import portable_lib
     from executorch.runtime import Runtime
 
-    from shira_edge.exporters.manifest import read_manifest
+    from shira_edge.runtime.manifest import read_manifest
 
     manifest = read_manifest(export_dir)
     pte_path = export_dir / manifest["files"]["program"]

@@ -136,7 +136,7 @@ def save_aligned(proto: onnx.ModelProto, out_dir: Path, keep_external: set[str])
 
 def weight_entries(out_dir: Path, model, mapping: dict[str, tuple[str, str]]) -> list[dict]:
     """Manifest entries with file/offset/nbytes read back from the saved graph; the bytes there must equal W."""
-    from .manifest import weight_entry
+    from shira_edge.runtime.manifest import weight_entry
 
     saved = onnx.load(str(out_dir / MODEL_FILE), load_external_data=False)
     where = {t.name: {e.key: e.value for e in t.external_data} for t in saved.graph.initializer}

@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from shira_edge.exporters import onnx_verify
-from shira_edge.exporters.manifest import read_manifest
+from shira_edge.runtime.manifest import read_manifest
 
 KEYS = ("create", "first_prefill", "prefill", "decode")
 

@@ -42,7 +42,7 @@ class Runtime:
 
     def __init__(self, export_dir, threads: int | None = None, *, policy: str = "auto",
                  scatter_threads: int | None = None):
-        from shira_edge.exporters.manifest import read_manifest   # torch-free: json + validation only
+        from .manifest import read_manifest
 
         self.dir = Path(export_dir)
         self.manifest = read_manifest(self.dir)

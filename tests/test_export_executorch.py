@@ -19,7 +19,7 @@ from shira_edge.exporters.executorch_export import (
     export_executorch,
     map_linear_weights,
 )
-from shira_edge.exporters.manifest import read_manifest
+from shira_edge.runtime.manifest import read_manifest
 from shira_edge.models import ModelInfo
 from shira_edge.runtime.fingerprint import base_fingerprint, weight_digest
 

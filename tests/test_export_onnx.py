@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from shira_edge.cli import main
 from shira_edge.exporters import onnx_verify
-from shira_edge.exporters.manifest import read_manifest
+from shira_edge.runtime.manifest import read_manifest
 from shira_edge.models import load_model
 from shira_edge.runtime.fingerprint import base_fingerprint, weight_digest
 

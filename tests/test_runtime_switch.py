@@ -47,7 +47,7 @@ def exports(tmp_path_factory):
     """backend -> export dir of the tiny OPT (seed 0), written by the real exporters."""
     from shira_edge.exporters.common import Stages
     from shira_edge.exporters.executorch_export import export_executorch
-    from shira_edge.exporters.manifest import write_manifest
+    from shira_edge.runtime.manifest import write_manifest
     from shira_edge.exporters.onnx_export import export_onnx
     from shira_edge.models import ModelInfo
 

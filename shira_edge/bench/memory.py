@@ -24,7 +24,7 @@ def measure(spec: dict) -> dict:
     import numpy as np
     import psutil
 
-    from ..exporters.manifest import read_manifest
+    from ..runtime.manifest import read_manifest
     from .engines import Loaded, set_threads, stepper
 
     export_dir, mode, threads = Path(spec["export_dir"]), spec["mode"], int(spec["threads"])

@@ -29,7 +29,7 @@ def run_bench(model: str, *, backends, ranks, threads: int, quick: bool, out_dir
               seed: int = 0, export_dirs=(), samples: int | None = None, keep_work: bool = False) -> dict:
     from tqdm import tqdm
 
-    from ..exporters.manifest import ManifestError, read_manifest
+    from ..runtime.manifest import ManifestError, read_manifest
     from . import inference, memory, report, switch, weight_update
     from .adapters import patchable, random_lora, write_fused_copy, write_random_shira
     from .engines import kinds, set_threads
@@ -126,7 +126,7 @@ def _export(model: str, backend: str, random_init: bool, seed: int, given: Path 
     """An export of `model` for `backend`: the one given with --export-dir, one left in BENCH_DIR/exports by an
     earlier run, or a new one. A reused export must be of the same model, weights and seed."""
     from ..exporters.common import ExportError, Stages
-    from ..exporters.manifest import ManifestError, read_manifest
+    from ..runtime.manifest import ManifestError, read_manifest
     from ..commands.export import run_export
 
     for d in (given, cache_dir):

@@ -53,7 +53,7 @@ def run_export(model_name, *, fmt="onnx", adapter=None, targets=(), random_init=
     """The whole export; returns the manifest written to out_dir. Raises ExportError with a one-line reason."""
     from shira_edge.exporters.common import ExportError, resolve_targets, restrict_patchable, staged_output_dir
     from shira_edge.exporters.fuse_adapter import check_adapter_path, fuse_adapter
-    from shira_edge.exporters.manifest import write_manifest
+    from shira_edge.runtime.manifest import write_manifest
     from shira_edge.models import ModelNotAvailable, load_model, resolve
 
     try:

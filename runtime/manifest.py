@@ -1,4 +1,5 @@
-"""manifest.json: the contract between an exporter and the on-device runtime.
+"""manifest.json: the contract between an exporter (which writes it with `write_manifest`) and the on-device runtime
+(which reads it with `read_manifest`). It lives in runtime/ because the device reads it; json and checks only.
 
 An exporter writes one manifest beside the model. The runtime trusts nothing else about the exported weights: it
 finds every adaptable weight's bytes through `weights[*].file/offset/nbytes` and maps (row, col) of the PyTorch
