@@ -89,8 +89,10 @@ class Target:
     scale: float
 
     def delta(self, user_scale: float) -> np.ndarray:
-        # One float32 multiply by the combined scale, as PEFT does (shira_weight * scaling).
-        return self.values * np.float32(self.scale * user_scale)
+        # One float32 multiply by the combined scale, as PEFT does (shira_weight * scaling). An overflow here is
+        # caught and refused by compose() with a clear message, so numpy's own warning would only be noise.
+        with np.errstate(over="ignore"):
+            return self.values * np.float32(self.scale * user_scale)
 
 
 @dataclass(frozen=True)
@@ -204,9 +206,10 @@ def compose(parts: list[tuple[PreparedAdapter, float]]) -> Plan:
         positions = group[0][0].positions if len(group) == 1 else np.unique(np.concatenate([t.positions for t, _ in group]))
         base = read_base(slot, positions)
         values = base.copy()
-        for t, scale in group:
-            at = np.searchsorted(positions, t.positions)
-            values[at] = values[at] + t.delta(scale)
+        with np.errstate(over="ignore", invalid="ignore"):   # checked just below
+            for t, scale in group:
+                at = np.searchsorted(positions, t.positions)
+                values[at] = values[at] + t.delta(scale)
         if not np.isfinite(values).all():
             bad = ", ".join(f"{a.name}@{s}" for a, s in parts)
             raise AdapterMismatch(f"{slot.name}: base + scaled delta overflows float32 for {bad}; use smaller scales")
