@@ -11,6 +11,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def residual(x, norm, sublayer, pre_norm: bool):
+    """One OPT residual sublayer, shared by every backend's builder: pre-norm x + f(norm(x)) (opt-125m and most OPT
+    sizes), or post-norm norm(x + f(x)) (opt-350m)."""
+    return x + sublayer(norm(x)) if pre_norm else norm(x + sublayer(x))
+
+
 class ExportError(RuntimeError):
     """An export failed; the message says what and what to do. OUT_DIR is left as it was."""
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .common import residual
+
 POSITION_OFFSET = 2  # OPTLearnedPositionalEmbedding stores positions shifted by 2 (a fairseq legacy)
 
 
@@ -71,19 +73,9 @@ class OptStaticCache(nn.Module):
         return self.lm_head(x)
 
     def _layer(self, i: int, layer: nn.Module, x, input_pos, mask):
-        residual = x
-        if self.pre_norm:
-            x = layer.self_attn_layer_norm(x)
-        x = residual + self._attention(i, layer.self_attn, x, input_pos, mask)
-        if not self.pre_norm:
-            x = layer.self_attn_layer_norm(x)
-        residual = x
-        if self.pre_norm:
-            x = layer.final_layer_norm(x)
-        x = residual + layer.fc2(torch.relu(layer.fc1(x)))
-        if not self.pre_norm:
-            x = layer.final_layer_norm(x)
-        return x
+        x = residual(x, layer.self_attn_layer_norm,
+                     lambda h: self._attention(i, layer.self_attn, h, input_pos, mask), self.pre_norm)
+        return residual(x, layer.final_layer_norm, lambda h: layer.fc2(torch.relu(layer.fc1(h))), self.pre_norm)
 
     def _attention(self, i: int, attn: nn.Module, x, input_pos, mask):
         seq = x.shape[1]

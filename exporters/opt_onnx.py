@@ -36,6 +36,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .common import residual
+
 POSITION_OFFSET = 2  # OPTLearnedPositionalEmbedding stores position p at row p + 2 (a fairseq legacy)
 WEIGHT_SUFFIX = ".weight_t"  # initializer name = HF module path + this suffix
 
@@ -83,20 +85,16 @@ class _Layer(nn.Module):
         self.pre_norm = pre_norm
 
     def forward(self, x, mask_bias, past_k, past_v):
-        residual = x
-        if self.pre_norm:
-            x = self.self_attn_layer_norm(x)
-        attn, k, v = self.self_attn(x, mask_bias, past_k, past_v)
-        x = residual + attn
-        if not self.pre_norm:
-            x = self.self_attn_layer_norm(x)
-        residual = x
-        if self.pre_norm:
-            x = self.final_layer_norm(x)
-        x = residual + self.fc2(self.activation_fn(self.fc1(x)))
-        if not self.pre_norm:
-            x = self.final_layer_norm(x)
-        return x, k, v
+        present = []
+
+        def attend(h):
+            out, k, v = self.self_attn(h, mask_bias, past_k, past_v)
+            present.extend((k, v))
+            return out
+
+        x = residual(x, self.self_attn_layer_norm, attend, self.pre_norm)
+        x = residual(x, self.final_layer_norm, lambda h: self.fc2(self.activation_fn(self.fc1(h))), self.pre_norm)
+        return x, *present
 
 
 class _Decoder(nn.Module):
