@@ -107,6 +107,15 @@ class Runtime:
                 self._plans.popitem(last=False)
         return plan
 
+    def forget(self, source) -> None:
+        """Drop one adapter (str, Path or bytes) and every cached state that uses it from the caches, e.g. for an
+        app that streams through many adapters. The live state stays live; switching back prepares it again."""
+        key = source.key if isinstance(source, PreparedAdapter) else adapter_key(source)
+        with self._cache_lock:
+            self._adapters.pop(key, None)
+            for plan_key in [k for k in self._plans if any(part[0] == key for part in k)]:
+                del self._plans[plan_key]
+
     def switch(self, adapters, scales=None) -> None:
         """Make `adapters` (one, a list fused at `scales`, or None for the base model) live.
 

@@ -191,6 +191,17 @@ def test_prepared_adapters_are_cached(rt, adapters):
     assert rt.plan(path) is rt.plan(path)
 
 
+def test_forget_drops_the_adapter_and_its_states_but_not_the_live_weights(rt, adapters):
+    a, b = adapters["a"][1], adapters["b"][1]
+    rt.switch([a, b], scales=[1.0, 0.5])
+    live = _buffers(rt)
+    prepared, fused = rt.prepare(a), rt.plan([a, b], scales=[1.0, 0.5])
+    rt.forget(a)
+    assert rt.prepare(a) is not prepared and rt.plan([a, b], scales=[1.0, 0.5]) is not fused
+    assert _buffers(rt) == live
+    rt.switch(None)
+
+
 # ---------------------------------------------------------------- failed switches touch nothing
 
 

@@ -79,7 +79,7 @@ def run(export_dir: Path, manifest: dict, r: int, shira: tuple[Path, Path], lora
 
         def cold_teardown():
             # It stays live (the next warm switch leaves it), but is dropped from the caches: memory stays flat.
-            _forget(rt, state["cold_path"])
+            rt.forget(state["cold_path"])
             state["cold_path"].unlink()
 
         def lora_fused():
@@ -125,15 +125,3 @@ def run(export_dir: Path, manifest: dict, r: int, shira: tuple[Path, Path], lora
         },
     }
     return result
-
-
-def _forget(rt, path: Path) -> None:
-    """Drop a cold adapter from the runtime's caches. The Runtime has no public eviction call (yet); its caches are
-    plain dicts keyed by adapter_key, so this stays correct as long as those names do (else memory just grows)."""
-    from ..runtime.patch import adapter_key
-
-    key = adapter_key(path)
-    adapters, plans = getattr(rt, "_adapters", {}), getattr(rt, "_plans", {})
-    adapters.pop(key, None)
-    for k in [k for k in plans if any(part[0] == key for part in k)]:
-        plans.pop(k, None)
