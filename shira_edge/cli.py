@@ -64,7 +64,7 @@ def main(ctx: click.Context) -> None:
       shira-edge pack   adapter/ -o adapter.shira
       shira-edge export --model opt-125m --random-init -o out/
       python -c 'from shira_edge.runtime import Runtime; Runtime("out/").switch("adapter.shira")'
-      shira-edge bench  --quick -o bench/
+      shira-edge bench  --model opt-125m --random-init --quick -o bench/
     """
     if ctx.invoked_subcommand is None:
         click.echo(ctx.get_help())
