@@ -28,22 +28,15 @@ from pathlib import Path
 import numpy as np
 
 from shira_edge.runtime import Runtime
-from shira_edge.runtime.shira_format import make_adapter, make_target, write_shira
+from shira_edge.bench.adapters import random_shira
+from shira_edge.runtime.shira_format import write_shira
 
 SHAPES = {"decode 1 (past 32)": (1, 32), "prefill 32": (32, 0), "prefill 128": (128, 0)}
 
 
 def random_adapter(manifest: dict, density: float, seed: int, path: Path) -> Path:
-    rng = np.random.default_rng(seed)
-    targets = []
-    for w in manifest["weights"]:
-        if w["patchable"]:
-            out, inp = w["shape"]
-            k = max(1, round(out * inp * density))
-            idx = rng.choice(out * inp, k, replace=False)
-            targets.append(make_target(w["name"], (out, inp), idx, rng.normal(0, 0.02, k).astype(np.float32),
-                                       base_digest=w["digest"]))
-    write_shira(path, make_adapter(f"random-{seed}", targets))
+    patchable = [w for w in manifest["weights"] if w["patchable"]]
+    write_shira(path, random_shira(f"random-{seed}", patchable, r=None, seed=seed, density=density))
     return path
 
 

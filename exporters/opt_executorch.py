@@ -51,11 +51,6 @@ class OptStaticCache(nn.Module):
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
             self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
 
-    def reset_cache(self) -> None:
-        for name, buf in self.named_buffers():
-            if "_cache_" in name:
-                buf.zero_()
-
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         dec = self.decoder
         x = dec.embed_tokens(tokens)

@@ -42,13 +42,14 @@ class LoraFactors:
     A: np.ndarray
 
 
-def random_shira(name: str, weights: list[dict], r: int, seed: int) -> ShiraAdapter:
-    """A SHiRA adapter on every given manifest weight entry, nnz = r(m+n) each, small random deltas."""
+def random_shira(name: str, weights: list[dict], r: int | None, seed: int, density: float | None = None) -> ShiraAdapter:
+    """A SHiRA adapter on every given manifest weight entry, nnz = r(m+n) each (or a fixed `density` of each weight
+    instead of r), small random deltas."""
     rng = np.random.default_rng(seed)
     targets = []
     for w in weights:
         shape = tuple(w["shape"])
-        nnz = shira_nnz(shape, r)
+        nnz = max(1, round(shape[0] * shape[1] * density)) if density is not None else shira_nnz(shape, r)
         targets.append(make_target(w["name"], shape, random_positions(shape, nnz, rng),
                                    rng.standard_normal(nnz, dtype=np.float32) * 0.01, base_digest=w["digest"]))
     return make_adapter(name, targets, metadata={"made_by": "shira-edge bench", "r": r, "seed": seed})
