@@ -11,12 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def residual(x, norm, sublayer, pre_norm: bool):
-    """One OPT residual sublayer, shared by every backend's builder: pre-norm x + f(norm(x)) (opt-125m and most OPT
-    sizes), or post-norm norm(x + f(x)) (opt-350m)."""
-    return x + sublayer(norm(x)) if pre_norm else norm(x + sublayer(x))
-
-
 class ExportError(RuntimeError):
     """An export failed; the message says what and what to do. OUT_DIR is left as it was."""
 
@@ -78,15 +72,27 @@ def staged_output_dir(out_dir: str | Path, force: bool = False):
         raise
 
 
+def tied_weights(model) -> dict[str, str]:
+    """Parameter name -> the earlier name it shares storage with (lm_head.weight -> ...embed_tokens.weight when the
+    model ties them). The one tied-weight rule every exporter and the adapter fusion use."""
+    first, tied = {}, {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owner = first.setdefault(param.data_ptr(), name)
+        if owner != name:
+            tied[name] = owner
+    return tied
+
+
 def resolve_targets(model, targets) -> list[str]:
     """`--targets`: module paths or weight names -> PyTorch weight names. Each must be an untied nn.Linear, because
     only those are kept as one plain, patchable tensor by every exporter; anything else is refused by name."""
     from torch import nn
 
     modules = dict(model.named_modules())
-    shared = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        shared.setdefault(param.data_ptr(), []).append(name)
+    tied = tied_weights(model)
+    owners = {}
+    for name, owner in tied.items():
+        owners.setdefault(owner, []).append(name)
     resolved = []
     for target in targets:
         path = target[: -len(".weight")] if target.endswith(".weight") else target
@@ -96,13 +102,30 @@ def resolve_targets(model, targets) -> list[str]:
                               f"{next(n for n, m in modules.items() if isinstance(m, nn.Linear))}")
         if not isinstance(module, nn.Linear):
             raise ExportError(f"--targets {target!r}: is a {type(module).__name__}, not an nn.Linear; SHiRA adapters "
-                              f"patch Linear weights only (attention projections, fc1, fc2)")
-        others = [n for n in shared[module.weight.data_ptr()] if n != f"{path}.weight"]
+                              f"patch Linear weights only (attention projections, MLP projections)")
+        name = f"{path}.weight"
+        others = [tied[name]] if name in tied else owners.get(name, [])
         if others:
             raise ExportError(f"--targets {target!r}: its weight is tied to {others[0]}; patching it would change "
                               f"both, so it is not patchable")
-        resolved.append(f"{path}.weight")
+        resolved.append(name)
     return resolved
+
+
+def apply_targets(weights: list[dict], targets, backend: str) -> None:
+    """`--targets` (weight names from resolve_targets) on one backend's weight map: each must have come out
+    patchable in this backend (e.g. not stored once with identical bytes), then the others are marked not."""
+    if not targets:
+        return
+    by_name = {w["name"]: w for w in weights}
+    for t in targets:
+        w = by_name.get(t) or by_name.get(f"{t}.weight")
+        if w is None:
+            raise ExportError(f"--targets {t!r}: not an nn.Linear weight of this model; Linear weights are e.g. "
+                              f"{weights[0]['name']}")
+        if not w["patchable"]:
+            raise ExportError(f"--targets {t!r}: not patchable in the {backend} export ({w['note']})")
+    restrict_patchable(weights, [t if t in by_name else f"{t}.weight" for t in targets])
 
 
 def restrict_patchable(weights: list[dict], targets: list[str]) -> None:

@@ -1,14 +1,14 @@
-"""Export an OPT model to ExecuTorch (XNNPACK, fp32, static KV cache) with its weights in a separate, patchable .ptd.
+"""Export a causal LM (any architecture `architecture.describe` knows) to ExecuTorch (XNNPACK, fp32, static KV cache) with its weights in a separate, patchable .ptd.
 
     >>> from pathlib import Path
     >>> from shira_edge.models import load_model
     >>> from shira_edge.exporters.common import Stages
     >>> model, info = load_model("tiny-opt")
     >>> manifest = export_executorch(model, info, Path("/tmp/tiny-et"), stages=Stages(), max_seq_len=32)  # doctest: +SKIP
-    >>> manifest["files"], manifest["export"]["parity"]["full_max_abs_diff"] < 1e-4                       # doctest: +SKIP
+    >>> manifest["files"], manifest["export"]["parity"]["max_abs_diff_full"] < 1e-4                       # doctest: +SKIP
     ({'program': 'model.pte', 'data': 'model.ptd'}, True)
 
-Pipeline: `OptStaticCache` -> `torch.export` (dynamic seq) -> tag every parameter for the external file "model"
+Pipeline: `StaticCacheDecoder` (kv_cache.py) -> `torch.export` (dynamic seq) -> tag every parameter for the external file "model"
 -> `to_edge_transform_and_lower(XnnpackPartitioner)` -> `to_executorch(external_constants=...)` -> model.pte +
 model.ptd. XNNPACK serializes each Linear weight fp32 in PyTorch (out, in) layout under a named-data key that is the
 SHA-256 of its bytes; the mapping below is found from those bytes and then checked byte for byte, never assumed.
@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from shira_edge.exporters.common import ExportError, Stages
+from shira_edge.exporters.architecture import cache_spec, check_max_seq_len, describe, token_ids
+from shira_edge.exporters.common import ExportError, Stages, apply_targets, tied_weights
 from shira_edge.runtime.manifest import FORMAT_VERSION, weight_entry
 from shira_edge.runtime.fingerprint import base_fingerprint, weight_digest
 
@@ -35,29 +36,27 @@ DATA_FILE = f"{DATA_TAG}.ptd"
 METHOD = "forward"
 PARITY_TOL = 1e-4                   # fp32: max abs logit difference allowed between ExecuTorch and PyTorch
 PROMPT_LEN = 16
+DEFAULT_MAX_SEQ_LEN = 256           # the static cache is allocated in full: small by default, never above the model's
 
 
-def export_executorch(model, info, out_dir: Path, *, stages: Stages, max_seq_len: int = 256,
+def export_executorch(model, info, out_dir: Path, *, stages: Stages, max_seq_len: int | None = None,
                       targets=None, atol: float = PARITY_TOL, **_ignored) -> dict[str, Any]:
     """Write model.pte + model.ptd into `out_dir`, verify them, and return the manifest dict (not written here).
 
-    `targets`: optional PyTorch weight names the caller wants patchable; one that is not a patchable Linear weight
-    of this export raises ExportError. `atol`: parity tolerance (max abs logit difference). Other keyword arguments
+    `max_seq_len`: the static cache size (default min(256, max_position_embeddings)). `targets`: optional PyTorch
+    weight names the caller wants patchable; one that is not a patchable Linear weight of this export raises
+    ExportError. `atol`: parity tolerance (max abs logit difference). Other keyword arguments
     (meant for other formats) are ignored.
     """
     import torch
 
-    from shira_edge.exporters.opt_executorch import OptStaticCache
+    from shira_edge.exporters.kv_cache import StaticCacheDecoder
 
-    if getattr(model.config, "model_type", None) != "opt":
-        raise ExportError(f"--format executorch supports OPT models only, got model_type "
-                          f"{getattr(model.config, 'model_type', None)!r}; use --format onnx")
-    if not 2 <= max_seq_len <= model.config.max_position_embeddings:
-        raise ExportError(f"max_seq_len {max_seq_len} must be in 2..{model.config.max_position_embeddings} "
-                          f"(the model's max_position_embeddings)")
+    arch = describe(model)
+    max_seq_len = check_max_seq_len(arch, max_seq_len, default=DEFAULT_MAX_SEQ_LEN)
     out_dir = Path(out_dir)
     model = model.float().eval()
-    wrapper = OptStaticCache(model, max_seq_len).eval()
+    wrapper = StaticCacheDecoder(model, arch, max_seq_len).eval()
 
     with stages("trace", f"torch.export, dynamic seq 1..{max_seq_len}"), torch.no_grad():
         ep = _export(wrapper, max_seq_len)
@@ -70,9 +69,9 @@ def export_executorch(model, info, out_dir: Path, *, stages: Stages, max_seq_len
             raise ExportError(f"ExecuTorch did not write {DATA_FILE} into {out_dir}; the weights would be inside "
                               f"the .pte and not patchable")
     with stages("verify", "weight map byte check, logits parity, cache decode parity"):
-        weights = map_linear_weights(model, (out_dir / DATA_FILE).read_bytes())
-        _check_targets(weights, targets)
-        parity = check_parity(model, out_dir, max_seq_len, atol)
+        weights = locate_ptd_weights(model, (out_dir / DATA_FILE).read_bytes())
+        apply_targets(weights, targets, "ExecuTorch")
+        parity = executorch_parity(model, out_dir, max_seq_len, atol)
 
     cfg = model.config
     fingerprint = base_fingerprint({w["name"]: (w["shape"], w["digest"]) for w in weights})
@@ -82,12 +81,14 @@ def export_executorch(model, info, out_dir: Path, *, stages: Stages, max_seq_len
         "model": info.to_json(),
         "fingerprint": fingerprint,
         "weights": weights,
-        "io": io_spec(cfg, wrapper),
+        "io": io_spec(cfg, arch, max_seq_len),
         "files": {"program": PROGRAM_FILE, "data": DATA_FILE},
         "export": {
+            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "versions": _versions(),
             "partitioner": "XnnpackPartitioner (fp32)",
-            "seconds": dict(stages.seconds),
+            "architecture": arch.summary(),
+            "stage_seconds": dict(stages.seconds),
             "bytes": {PROGRAM_FILE: (out_dir / PROGRAM_FILE).stat().st_size,
                       DATA_FILE: (out_dir / DATA_FILE).stat().st_size},
             "parity": parity,
@@ -119,7 +120,7 @@ def _lower(ep):
 
     edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
     with warnings.catch_warnings():
-        # "Mutation on a buffer ... meaningless initial state": expected for the KV cache, which OptStaticCache
+        # "Mutation on a buffer ... meaningless initial state": expected for the KV cache, which StaticCacheDecoder
         # never reads before writing (it masks and zeroes unwritten slots)
         warnings.filterwarnings("ignore", message="Mutation on a buffer", category=UserWarning)
         # external_constants also sends the non-delegated constants (embeddings, LayerNorms) to the .ptd
@@ -144,7 +145,7 @@ def ptd_index(data: bytes) -> dict[str, tuple[int, int, int]]:
     return index
 
 
-def map_linear_weights(model, ptd: bytes) -> list[dict[str, Any]]:
+def locate_ptd_weights(model, ptd: bytes) -> list[dict[str, Any]]:
     """One manifest entry per nn.Linear weight of `model`, located in the .ptd bytes and verified byte for byte.
 
     XNNPACK keys a delegated constant by the SHA-256 of its serialized bytes, so a weight is found under the hash of
@@ -159,7 +160,7 @@ def map_linear_weights(model, ptd: bytes) -> list[dict[str, Any]]:
     keys_per_segment: dict[int, list[str]] = {}
     for key, (_, _, seg) in index.items():
         keys_per_segment.setdefault(seg, []).append(key)
-    tied = _tied_names(model)
+    tied = tied_weights(model)
 
     found = []   # (name, weight, layout, key)
     for module_name, module in model.named_modules():
@@ -201,38 +202,13 @@ def map_linear_weights(model, ptd: bytes) -> list[dict[str, Any]]:
     return entries
 
 
-def _tied_names(model) -> dict[str, str]:
-    """{weight name: name of the parameter it shares storage with}, for Linear weights tied to another parameter."""
-    seen: dict[int, str] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        seen.setdefault(param.data_ptr(), name)
-    tied = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        first = seen[param.data_ptr()]
-        if first != name:
-            tied[name] = first
-    return tied
-
-
-def _check_targets(weights, targets) -> None:
-    if not targets:
-        return
-    by_name = {w["name"]: w for w in weights}
-    for t in targets:
-        w = by_name.get(t) or by_name.get(f"{t}.weight")
-        if w is None:
-            raise ExportError(f"--targets {t!r}: not an nn.Linear weight of this model; Linear weights are e.g. "
-                              f"{weights[0]['name']}")
-        if not w["patchable"]:
-            raise ExportError(f"--targets {t!r}: not patchable in the ExecuTorch export ({w['note']})")
-
-
 def fixed_prompt(cfg, n: int) -> list[int]:
     """A deterministic prompt: bos, then ids spread over the vocabulary (no tokenizer needed)."""
-    return [cfg.bos_token_id] + [(7 + 9973 * i) % (cfg.vocab_size - 3) + 3 for i in range(1, n)]
+    bos = 1 if cfg.bos_token_id is None else cfg.bos_token_id
+    return [bos] + [(7 + 9973 * i) % (cfg.vocab_size - 3) + 3 for i in range(1, n)]
 
 
-def check_parity(model, out_dir: Path, max_seq_len: int, atol: float = PARITY_TOL) -> dict[str, Any]:
+def executorch_parity(model, out_dir: Path, max_seq_len: int, atol: float = PARITY_TOL) -> dict[str, Any]:
     """Run the written files through the ExecuTorch runtime and compare to the PyTorch model's full forward.
 
     full: one prefill call over the whole prompt. decode: prefill half, then one token per call, each at its
@@ -258,8 +234,9 @@ def check_parity(model, out_dir: Path, max_seq_len: int, atol: float = PARITY_TO
 
     full_diff = float((full - ref).abs().max())
     decode_diff = float((decode - ref).abs().max())
-    result = {"prompt_len": n, "prefill_len_in_decode_check": half, "full_max_abs_diff": full_diff,
-              "decode_max_abs_diff": decode_diff, "tolerance": atol, "load_s": round(load_s, 4)}
+    result = {"prompt": f"batch 1 x {n} fixed tokens", "max_abs_diff_full": full_diff,
+              "max_abs_diff_decode": decode_diff, "decode": f"prefill {half} then 1 token per call",
+              "atol": atol, "load_s": round(load_s, 4)}
     for what, diff in (("prefill", full_diff), ("KV-cache decode", decode_diff)):
         if not diff <= atol:  # also catches NaN
             raise ExportError(f"parity check failed: ExecuTorch {what} logits differ from PyTorch by {diff:.3g} "
@@ -267,8 +244,7 @@ def check_parity(model, out_dir: Path, max_seq_len: int, atol: float = PARITY_TO
     return result
 
 
-def io_spec(cfg, wrapper) -> dict[str, Any]:
-    n_layers = cfg.num_hidden_layers
+def io_spec(cfg, arch, max_seq_len: int) -> dict[str, Any]:
     return {
         "methods": [METHOD],
         "batch": 1,
@@ -279,20 +255,14 @@ def io_spec(cfg, wrapper) -> dict[str, Any]:
         ],
         "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, "seq", cfg.vocab_size]}],
         "cache": {
-            "kind": "static",
-            "max_seq_len": wrapper.max_seq_len,
-            "seq_range": [1, wrapper.max_seq_len],
+            **cache_spec(arch, "static", max_seq_len),
+            "seq_range": [1, max_seq_len],
             "layout": "inside the program: per layer k_cache_{i}, v_cache_{i} mutable buffers "
-                      "[max_seq_len, heads, head_dim], written at input_pos; prefill = one call with seq tokens, "
+                      "[max_seq_len, num_heads, head_dim], written at input_pos; prefill = one call with seq tokens, "
                       "decode = calls with seq=1; input_pos[-1] must stay < max_seq_len",
-            "num_layers": n_layers,
-            "heads": wrapper.heads,
-            "head_dim": wrapper.head_dim,
         },
-        "vocab_size": cfg.vocab_size,
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_id,
-        "pad_token_id": cfg.pad_token_id,
+        "max_positions": max_seq_len,
+        **token_ids(cfg),
     }
 
 

@@ -72,12 +72,13 @@ def measure(export_dir: Path, repeats: int = 5, prompt_len: int = 32, eager: boo
 
 
 def _eager_wrapper(manifest):
-    from shira_edge.exporters.opt_executorch import OptStaticCache
+    from shira_edge.exporters.architecture import describe
+    from shira_edge.exporters.kv_cache import StaticCacheDecoder
     from shira_edge.models import load_model
 
     rec = manifest["model"]
     model, _ = load_model(rec["name"], random_init=rec["weights"] == "random-init", seed=rec["seed"] or 0)
-    return OptStaticCache(model, manifest["io"]["cache"]["max_seq_len"]).eval()
+    return StaticCacheDecoder(model, describe(model), manifest["io"]["cache"]["max_seq_len"]).eval()
 
 
 def main() -> None:

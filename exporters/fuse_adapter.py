@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import ExportError
+from .common import ExportError, tied_weights
 
 
 def check_adapter_path(adapter: str | Path) -> Path:
@@ -55,7 +55,7 @@ def _fuse_shira(model, path: Path):
     except ShiraFormatError as exc:
         raise ExportError(f"--adapter {path}: {exc}") from None
     params = dict(model.named_parameters())
-    tied = _tied_names(model)
+    tied = tied_weights(model)
     with torch.no_grad():
         for name, target in adapter.targets.items():
             param = params.get(name)
@@ -71,12 +71,3 @@ def _fuse_shira(model, path: Path):
                "fingerprint": adapter.base_model.get("fingerprint"), "targets": len(adapter.targets)}
     return model, summary
 
-
-def _tied_names(model) -> dict[str, str]:
-    """Parameter name -> the name it shares storage with (lm_head.weight -> ...embed_tokens.weight in OPT)."""
-    first, tied = {}, {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        owner = first.setdefault(param.data_ptr(), name)
-        if owner != name:
-            tied[name] = owner
-    return tied

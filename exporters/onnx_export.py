@@ -1,4 +1,4 @@
-"""Export an OPT causal LM to ONNX (graph + aligned external weight data) and build its manifest.
+"""Export a causal LM (any architecture `architecture.describe` knows) to ONNX (graph + aligned external weight data) and build its manifest.
 
     >>> from shira_edge.models import load_model
     >>> from shira_edge.exporters.common import Stages
@@ -8,7 +8,7 @@
     >>> manifest["export"]["parity"]["max_abs_diff_full"] < 1e-4
     True
 
-Steps: trace `OPTForONNX` with `torch.export` (dynamic batch, sequence, past length), lower it to ONNX, recover
+Steps: trace `PastPresentDecoder` (kv_cache.py) with `torch.export` (dynamic batch, sequence, past length), lower it to ONNX, recover
 which initializer holds each Linear weight from the MatMul nodes' `pkg.torch.onnx.name_scopes` and check its values
 against PyTorch, write every large tensor to `model.onnx.data` at a 4096-byte aligned offset, read the offsets back
 from the saved graph, then verify in ONNX Runtime (onnx_verify.py). The caller writes manifest.json.
@@ -27,8 +27,9 @@ import torch
 from onnx import numpy_helper
 from onnx.external_data_helper import set_external_data
 
-from .common import ExportError, usual_permissions
-from .opt_onnx import POSITION_OFFSET, OPTForONNX, adaptable_linears, io_names
+from .architecture import cache_spec, check_max_seq_len, describe, token_ids
+from .common import ExportError, apply_targets, tied_weights, usual_permissions
+from .kv_cache import PastPresentDecoder
 from ..runtime.fingerprint import base_fingerprint, weight_digest
 from . import onnx_verify
 
@@ -36,39 +37,44 @@ MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 ALIGN = 4096            # page size: each tensor can be mmapped or np.fromfile'd into its own aligned buffer
 EXTERNAL_MIN_BYTES = 1024  # smaller constants (shapes, axes) stay inline: ORT's shape inference must read them
 OPSET = 18
-TIED = {"lm_head.weight": "model.decoder.embed_tokens.weight"}
 
 
-def export_onnx(model, info, out_dir, *, stages, atol: float = 1e-4) -> dict:
-    """Write model.onnx + model.onnx.data into out_dir, verify them, and return the manifest dict."""
-    if getattr(model.config, "model_type", None) != "opt":
-        raise ExportError(f"--format onnx supports OPT models only (model_type 'opt'); {info.name!r} is "
-                          f"{getattr(model.config, 'model_type', type(model).__name__)!r}")
+def export_onnx(model, info, out_dir, *, stages, atol: float = 1e-4, max_seq_len: int | None = None,
+                targets=None) -> dict:
+    """Write model.onnx + model.onnx.data into out_dir, verify them, and return the manifest dict.
+
+    `max_seq_len` (default: the model's max_position_embeddings) is recorded as the longest sequence the runtime
+    may run; `targets`: PyTorch weight names to keep patchable (the others are marked not)."""
+    arch = describe(model)
+    max_seq_len = check_max_seq_len(arch, max_seq_len, default=arch.max_positions)
     out_dir = Path(out_dir)
-    wrapper = OPTForONNX(model).eval()
-    input_names, output_names = io_names(wrapper.num_layers)
+    wrapper = PastPresentDecoder(model, arch).eval()
+    input_names, output_names = wrapper.io_names()
     with stages("trace", "torch.export, dynamic batch / sequence / past length"):
         program = _trace(wrapper)
     with stages("lower", "ExportedProgram -> ONNX; map and check every Linear weight"):
         proto = torch.onnx.export(program, dynamo=True, input_names=input_names, output_names=output_names,
                                   opset_version=OPSET, optimize=True, verbose=False).model_proto
-        mapping = map_linear_weights(proto, model)
+        mapping = locate_onnx_weights(proto, model)
+    tied = tied_weights(model)
     with stages("write", f"{MODEL_FILE} + {DATA_FILE} ({ALIGN}-byte aligned)"):
-        save_aligned(proto, out_dir, keep_external={m[0] for m in mapping.values()} | set(TIED.values()))
-        weights = weight_entries(out_dir, model, mapping)
+        save_aligned(proto, out_dir, keep_external={m[0] for m in mapping.values()} | set(tied.values()))
+        weights = weight_entries(out_dir, model, mapping, tied)
+        apply_targets(weights, targets, "ONNX")
     with stages("verify", "ONNX Runtime: optimized graph keeps the weights; logits and KV-cache decode vs PyTorch"):
         onnx_verify.check_optimized_graph(out_dir / MODEL_FILE, [w["tensor"] for w in weights if w["patchable"]])
-        parity = onnx_verify.check_parity(out_dir, model, weights, atol=atol)
-    return _manifest(model, info, wrapper, weights, parity, stages)
+        parity = onnx_verify.onnx_parity(out_dir, model, weights, atol=atol)
+    return _manifest(model, info, wrapper, weights, parity, stages, max_seq_len)
 
 
-def _trace(wrapper: OPTForONNX) -> torch.export.ExportedProgram:
+def _trace(wrapper: PastPresentDecoder) -> torch.export.ExportedProgram:
     from torch.export import Dim
 
     # Sizes >= 2 everywhere: torch.export specializes dims that are 0 or 1 in the example. P = 0 still runs.
     batch, seq, past_len, total = 2, 4, 3, 7
     batch_d, seq_d, past_d, total_d = Dim("batch"), Dim("seq"), Dim("past_len", min=0), Dim("total")
-    past = [torch.zeros(batch, wrapper.heads, past_len, wrapper.head_dim) for _ in range(2 * wrapper.num_layers)]
+    arch = wrapper.arch
+    past = [torch.zeros(batch, arch.num_kv_heads, past_len, arch.head_dim) for _ in range(2 * arch.num_layers)]
     args = (torch.full((batch, seq), 4), torch.ones(batch, total, dtype=torch.long),
             torch.arange(past_len, total).repeat(batch, 1), *past)
     # forward(input_ids, attention_mask, position_ids, *past): torch.export sees *past as one tuple argument
@@ -78,7 +84,7 @@ def _trace(wrapper: OPTForONNX) -> torch.export.ExportedProgram:
         with torch.no_grad():
             return torch.export.export(wrapper, args, dynamic_shapes=shapes, strict=False)
     except Exception as exc:  # torch.export errors are long; the first line says which guard failed
-        raise ExportError(f"torch.export failed on the OPT export module: {str(exc).strip().splitlines()[0]}") from exc
+        raise ExportError(f"torch.export failed on the {arch.model_type} export module: {str(exc).strip().splitlines()[0]}") from exc
 
 
 def _scopes(node: onnx.NodeProto) -> list[str]:
@@ -88,7 +94,14 @@ def _scopes(node: onnx.NodeProto) -> list[str]:
     return []
 
 
-def map_linear_weights(proto: onnx.ModelProto, model) -> dict[str, tuple[str, str]]:
+def adaptable_linears(hf_model) -> dict[str, torch.nn.Linear]:
+    """HF module path -> nn.Linear for every Linear the export keeps patchable (all but a tied lm_head)."""
+    tied = tied_weights(hf_model)
+    return {name: mod for name, mod in hf_model.named_modules()
+            if isinstance(mod, torch.nn.Linear) and f"{name}.weight" not in tied}
+
+
+def locate_onnx_weights(proto: onnx.ModelProto, model) -> dict[str, tuple[str, str]]:
     """PyTorch weight name -> (initializer name, layout), recovered from the graph and checked value by value.
 
     For each Linear, the one MatMul (or Gemm) that ran inside its module scope must read an initializer that is
@@ -134,7 +147,7 @@ def save_aligned(proto: onnx.ModelProto, out_dir: Path, keep_external: set[str])
     usual_permissions(out_dir / DATA_FILE)  # onnx creates it 0600; it ships with the model
 
 
-def weight_entries(out_dir: Path, model, mapping: dict[str, tuple[str, str]]) -> list[dict]:
+def weight_entries(out_dir: Path, model, mapping: dict[str, tuple[str, str]], tied: dict[str, str]) -> list[dict]:
     """Manifest entries with file/offset/nbytes read back from the saved graph; the bytes there must equal W."""
     from shira_edge.runtime.manifest import weight_entry
 
@@ -142,7 +155,7 @@ def weight_entries(out_dir: Path, model, mapping: dict[str, tuple[str, str]]) ->
     where = {t.name: {e.key: e.value for e in t.external_data} for t in saved.graph.initializer}
     params = dict(model.named_parameters(remove_duplicate=False))
     todo = [(name, tensor, layout, True, None) for name, (tensor, layout) in mapping.items()]
-    todo += [(name, tied, "as_is", False, f"tied to {tied}; not patchable") for name, tied in TIED.items()]
+    todo += [(name, owner, "as_is", False, f"tied to {owner}; not patchable") for name, owner in tied.items()]
     entries = []
     for name, tensor, layout, patchable, note in todo:
         ext = where.get(tensor, {})
@@ -159,11 +172,12 @@ def weight_entries(out_dir: Path, model, mapping: dict[str, tuple[str, str]]) ->
     return entries
 
 
-def _manifest(model, info, wrapper: OPTForONNX, weights: list[dict], parity: dict, stages) -> dict:
+def _manifest(model, info, wrapper: PastPresentDecoder, weights: list[dict], parity: dict, stages,
+              max_seq_len: int) -> dict:
     import onnxruntime
 
-    cfg = model.config
-    inputs, outputs = io_names(wrapper.num_layers)
+    cfg, arch = model.config, wrapper.arch
+    inputs, outputs = wrapper.io_names()
     return {
         "format_version": 1,
         "backend": "onnxruntime",
@@ -175,16 +189,15 @@ def _manifest(model, info, wrapper: OPTForONNX, weights: list[dict], parity: dic
             "dtypes": {"input_ids": "int64", "attention_mask": "int64", "position_ids": "int64",
                        "past": "float32", "logits": "float32"},
             "cache": {
-                "num_layers": wrapper.num_layers, "num_heads": wrapper.heads, "head_dim": wrapper.head_dim,
+                **cache_spec(arch, "past_present", max_seq_len),
                 "layout": "[batch, num_heads, past_len, head_dim]", "initial_past_len": 0,
                 "past": [n for n in inputs if n.startswith("past.")],
                 "present": [n for n in outputs if n.startswith("present.")],
             },
-            # position_ids are 0-based (cumsum(attention_mask) - 1 for the new tokens); the graph adds OPT's +2.
-            "position_ids": "0-based", "position_offset_in_graph": POSITION_OFFSET,
-            "max_positions": cfg.max_position_embeddings,
-            "vocab_size": cfg.vocab_size, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
-            "pad_token_id": cfg.pad_token_id,
+            # position_ids are 0-based (cumsum(attention_mask) - 1 for the new tokens); the graph adds any offset.
+            "position_ids": "0-based", "position_offset_in_graph": arch.position_offset,
+            "max_positions": max_seq_len,
+            **token_ids(cfg),
         },
         "files": {
             "model": MODEL_FILE, "data": DATA_FILE, "alignment": ALIGN, "tokenizer": None,
@@ -195,7 +208,9 @@ def _manifest(model, info, wrapper: OPTForONNX, weights: list[dict], parity: dic
         },
         "export": {
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-            "opset": OPSET, "parity": parity, "stage_seconds": dict(stages.seconds),
+            "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
+                         "onnxruntime": onnxruntime.__version__},
+            "opset": OPSET, "architecture": arch.summary(), "parity": parity,
+            "stage_seconds": dict(stages.seconds),
         },
     }

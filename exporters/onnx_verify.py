@@ -2,7 +2,7 @@
 handed in from a buffer we own (SessionOptions.add_initializer), at the graph optimization level we ship.
 
     check_optimized_graph(model_path, names)  # each weight is still an initializer feeding a MatMul after ORT's passes
-    check_parity(out_dir, hf_model, weights)  # full forward and prefill + token-by-token decode vs PyTorch logits
+    onnx_parity(out_dir, hf_model, weights)   # full forward and prefill + token-by-token decode vs PyTorch logits
 """
 
 from __future__ import annotations
@@ -79,12 +79,13 @@ def open_session(out_dir: Path, weights: list[dict]) -> PatchableSession:
     return PatchableSession(sess, buffers, values)
 
 
-def parity_prompt(vocab_size: int, bos: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+def parity_prompt(vocab_size: int, bos: int | None, pad: int | None) -> tuple[np.ndarray, np.ndarray]:
     """A fixed batch of 2 x 10 tokens; the second row is left-padded by 3, so the mask input is exercised too."""
+    bos = 1 if bos is None else bos
     ids = np.random.default_rng(0).integers(4, vocab_size, size=(2, 10), dtype=np.int64)
     ids[:, 0] = bos
     mask = np.ones_like(ids)
-    ids[1, :3], mask[1, :3] = pad, 0
+    ids[1, :3], mask[1, :3] = (0 if pad is None else pad), 0
     ids[1, 3] = bos
     return ids, mask
 
@@ -103,12 +104,25 @@ def run(sess, num_layers: int, ids, mask, positions, past=None):
     return logits, present
 
 
-def check_parity(out_dir: Path, hf_model, weights: list[dict], atol: float = 1e-4) -> dict:
+def positions_of(mask: np.ndarray) -> np.ndarray:
+    """0-based positions of the real tokens of left-padded rows (what OPT itself derives from the mask)."""
+    return (np.cumsum(mask, axis=1) * mask - 1).astype(np.int64)
+
+
+def torch_logits(hf_model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The PyTorch reference, with the positions given explicitly (Llama-family models do not derive them from
+    the mask)."""
+    with torch.no_grad():
+        return hf_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                        position_ids=torch.from_numpy(positions_of(mask))).logits.numpy()
+
+
+def onnx_parity(out_dir: Path, hf_model, weights: list[dict], atol: float = 1e-4) -> dict:
+    """Full forward and prefill + token-by-token decode of the ONNX export vs PyTorch, else ExportError."""
     cfg = hf_model.config
     ids, mask = parity_prompt(cfg.vocab_size, cfg.bos_token_id, cfg.pad_token_id)
-    positions = (np.cumsum(mask, axis=1) * mask - 1).astype(np.int64)  # what OPT itself derives from the mask
-    with torch.no_grad():
-        expected = hf_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    positions = positions_of(mask)
+    expected = torch_logits(hf_model, ids, mask)
     patched = open_session(out_dir, weights)  # held until return: ORT reads its buffers
     sess = patched.session
     layers = cfg.num_hidden_layers

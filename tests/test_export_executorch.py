@@ -15,9 +15,9 @@ from shira_edge.exporters.executorch_export import (
     DATA_FILE,
     PARITY_TOL,
     PROGRAM_FILE,
-    check_parity,
+    executorch_parity,
     export_executorch,
-    map_linear_weights,
+    locate_ptd_weights,
 )
 from shira_edge.runtime.manifest import read_manifest
 from shira_edge.models import ModelInfo
@@ -102,7 +102,7 @@ def test_io_and_files_tell_the_runtime_what_it_needs(et_export):
     assert [i["name"] for i in m["io"]["inputs"]] == ["tokens", "input_pos"]
     assert m["io"]["cache"]["max_seq_len"] == MAX_SEQ and m["io"]["methods"] == ["forward"]
     parity = m["export"]["parity"]
-    assert parity["full_max_abs_diff"] <= PARITY_TOL and parity["decode_max_abs_diff"] <= PARITY_TOL
+    assert parity["max_abs_diff_full"] <= PARITY_TOL and parity["max_abs_diff_decode"] <= PARITY_TOL
 
 
 def test_exported_logits_match_pytorch(et_export):
@@ -176,7 +176,7 @@ def test_parity_check_fails_when_the_files_do_not_match_the_model(et_export):
     with torch.no_grad():
         other.get_parameter("model.decoder.layers.1.fc1.weight")[0, :4] += 0.5
     with pytest.raises(ExportError, match="parity check failed"):
-        check_parity(other, out, MAX_SEQ)
+        executorch_parity(other, out, MAX_SEQ)
 
 
 def test_weight_map_refuses_a_weight_the_ptd_does_not_hold(et_export):
@@ -185,7 +185,7 @@ def test_weight_map_refuses_a_weight_the_ptd_does_not_hold(et_export):
     with torch.no_grad():
         other.get_parameter("model.decoder.layers.0.self_attn.v_proj.weight")[3, 3] += 1.0
     with pytest.raises(ExportError, match=r"layers\.0\.self_attn\.v_proj\.weight: no tensor"):
-        map_linear_weights(other, (out / DATA_FILE).read_bytes())
+        locate_ptd_weights(other, (out / DATA_FILE).read_bytes())
 
 
 def test_weights_with_identical_bytes_share_storage_and_are_not_patchable(et_export):
@@ -195,7 +195,7 @@ def test_weights_with_identical_bytes_share_storage_and_are_not_patchable(et_exp
     q, k = "model.decoder.layers.0.self_attn.q_proj.weight", "model.decoder.layers.0.self_attn.k_proj.weight"
     with torch.no_grad():
         twin.get_parameter(k).copy_(twin.get_parameter(q))
-    by_name = {w["name"]: w for w in map_linear_weights(twin, (out / DATA_FILE).read_bytes())}
+    by_name = {w["name"]: w for w in locate_ptd_weights(twin, (out / DATA_FILE).read_bytes())}
     assert by_name[q]["offset"] == by_name[k]["offset"]
     assert not by_name[q]["patchable"] and k in by_name[q]["note"]
     assert not by_name[k]["patchable"] and q in by_name[k]["note"]
@@ -203,14 +203,14 @@ def test_weights_with_identical_bytes_share_storage_and_are_not_patchable(et_exp
 
 
 def test_check_targets_refuses_tied_and_non_linear(et_export):
-    from shira_edge.exporters.executorch_export import _check_targets
+    from shira_edge.exporters.common import apply_targets
 
     weights = read_manifest(et_export[0])["weights"]
-    _check_targets(weights, ["model.decoder.layers.0.fc1"])     # module name or weight name both work
+    apply_targets(copy.deepcopy(weights), ["model.decoder.layers.0.fc1"], "ExecuTorch")  # module or weight name
     with pytest.raises(ExportError, match="not patchable"):
-        _check_targets(weights, ["lm_head.weight"])
+        apply_targets(copy.deepcopy(weights), ["lm_head.weight"], "ExecuTorch")
     with pytest.raises(ExportError, match="not an nn.Linear weight"):
-        _check_targets(weights, ["model.decoder.layers.0.self_attn_layer_norm.weight"])
+        apply_targets(copy.deepcopy(weights), ["model.decoder.layers.0.self_attn_layer_norm.weight"], "ExecuTorch")
 
 
 def test_non_opt_model_is_refused(tmp_path):
@@ -218,5 +218,5 @@ def test_non_opt_model_is_refused(tmp_path):
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32))
     info = ModelInfo("gpt2-tiny", "test", "GPT2LMHeadModel", "random-init", 0)
-    with pytest.raises(ExportError, match="OPT models only"):
+    with pytest.raises(ExportError, match="GPT2LMHeadModel.*'gpt2'.*not supported.*supported model_types: .*opt"):
         export_executorch(gpt2, info, tmp_path, stages=Stages(quiet=True))

@@ -26,8 +26,10 @@ FORMATS = ("onnx", "executorch")
               help="Comma-separated Linear modules to keep patchable (default: every untied Linear).")
 @click.option("--random-init", is_flag=True, help="Seeded random weights from the model's config (works offline).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random-init.")
-@click.option("--max-seq-len", type=int, default=256, show_default=True,
-              help="ExecuTorch only: size of the static KV cache.")
+@click.option("--max-seq-len", type=int, default=None,
+              help="Longest sequence (prompt + generated) the export runs; ExecuTorch allocates its static KV cache "
+                   "for it. Default: min(256, max_position_embeddings) for executorch, max_position_embeddings "
+                   "for onnx; never above max_position_embeddings.")
 @click.option("--atol", type=float, default=1e-4, show_default=True,
               help="Parity tolerance: max abs logit difference vs PyTorch (fp32).")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
@@ -48,7 +50,7 @@ def export(model_name, fmt, adapter, targets, random_init, seed, max_seq_len, at
                f"fingerprint {manifest['fingerprint'][:19]}..., parity {_parity_text(parity)}")
 
 
-def run_export(model_name, *, fmt="onnx", adapter=None, targets=(), random_init=False, seed=0, max_seq_len=256,
+def run_export(model_name, *, fmt="onnx", adapter=None, targets=(), random_init=False, seed=0, max_seq_len=None,
                atol=1e-4, force=False, out_dir, stages) -> dict:
     """The whole export; returns the manifest written to out_dir. Raises ExportError with a one-line reason."""
     from shira_edge.exporters.common import ExportError, resolve_targets, restrict_patchable, staged_output_dir
@@ -91,7 +93,7 @@ def _export_format(fmt, model, info, out_dir, *, stages, max_seq_len, targets, a
     if fmt == "onnx":
         from shira_edge.exporters.onnx_export import export_onnx
 
-        return export_onnx(model, info, out_dir, stages=stages, atol=atol)
+        return export_onnx(model, info, out_dir, stages=stages, atol=atol, max_seq_len=max_seq_len, targets=targets)
     from shira_edge.exporters.executorch_export import export_executorch
 
     return export_executorch(model, info, out_dir, stages=stages, max_seq_len=max_seq_len, targets=targets,
