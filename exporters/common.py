@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,34 +44,88 @@ def usual_permissions(path: Path) -> None:
 
 
 @contextmanager
+def sigterm_unwinds():
+    """While inside, SIGTERM (`timeout`, docker stop, a cancelled job) raises SystemExit(143) in the main thread, as
+    Ctrl-C raises KeyboardInterrupt, so every `finally` and `except BaseException` clean-up runs before the process
+    ends. A second SIGTERM during that clean-up is ignored. Off the main thread, or where the program installed
+    its own SIGTERM handler, nothing changes."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def unwind(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextmanager
 def staged_output_dir(out_dir: str | Path, force: bool = False):
     """Yield a temp dir beside `out_dir`; on success it replaces `out_dir`, on any error it is removed.
 
     Building beside the target (same filesystem) makes the final rename atomic, so a failed or interrupted export
-    never leaves a partial OUT_DIR.
+    never leaves a partial OUT_DIR. Interrupts unwind through here: Ctrl-C, and SIGTERM (sigterm_unwinds). SIGKILL
+    cannot be caught; the temp dir it leaves carries the pid that made it and is removed by the next export to the
+    same OUT_DIR once that process is gone.
     """
     out_dir = Path(out_dir).expanduser().resolve()
     if out_dir.exists() and not force:
         raise ExportError(f"{out_dir} already exists; pass --force to replace it")
     parent = out_dir.parent
+    with sigterm_unwinds():
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            _remove_orphans(parent, out_dir.name)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=parent))
+            usual_permissions(tmp)  # mkdtemp makes it private (0700); OUT_DIR should get what mkdir would give
+        except OSError as exc:
+            raise ExportError(f"cannot write to {parent}: {exc.strerror or exc}; choose a writable -o path") from None
+        try:
+            yield tmp
+            if out_dir.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-{os.getpid()}-", dir=parent))
+                out_dir.rename(old / "out")
+                try:
+                    tmp.rename(out_dir)
+                except BaseException:
+                    (old / "out").rename(out_dir)   # put the old OUT_DIR back before reporting the failure
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _remove_orphans(parent: Path, name: str) -> None:
+    """Temp dirs of `name` left by processes that no longer run (SIGKILL, power loss). An orphaned old dir is
+    removed only once OUT_DIR exists: without OUT_DIR it may hold the only copy."""
+    for entry in parent.iterdir():
+        if not entry.name.startswith(f".{name}."):
+            continue
+        kind, _, rest = entry.name[len(name) + 2:].partition("-")
+        pid = rest.partition("-")[0]
+        if kind == "old" and not (parent / name).exists():
+            continue
+        if kind in ("tmp", "old") and pid.isdigit() and entry.is_dir() and not _alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
-        usual_permissions(tmp)  # mkdtemp makes it private (0700); OUT_DIR should get what mkdir would give
-    except OSError as exc:
-        raise ExportError(f"cannot write to {parent}: {exc.strerror or exc}; choose a writable -o path") from None
-    try:
-        yield tmp
-        if out_dir.exists():
-            old = parent / f".{out_dir.name}.old-{int(time.time())}"
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's process
+        return True
+    return True
 
 
 def tied_weights(model) -> dict[str, str]:

@@ -33,6 +33,9 @@ def _fuse_peft(model, path: Path):
     from peft import PeftModel
 
     config = path / "adapter_config.json"
+    special = [f.name for f in path.iterdir() if f.name.startswith("adapter_") and not f.is_file()]
+    if special:   # PEFT would open it, and a FIFO blocks open() forever
+        raise ExportError(f"--adapter {path}: {special[0]} is not a regular file")
     if not config.is_file():
         raise ExportError(f"--adapter {path}: no adapter_config.json; is it a PEFT adapter dir?")
     try:
@@ -62,6 +65,10 @@ def _fuse_shira(model, path: Path):
             if name in tied or param is None or param.ndim != 2:
                 why = f"tied to {tied[name]}" if name in tied else "not a 2-D weight of this base model"
                 raise ExportError(f"--adapter {path}: target {name} is {why}; was it packed for another model?")
+            if tuple(target.shape) != tuple(param.shape):   # before dense_delta allocates out*in floats
+                raise ExportError(f"--adapter {path}: target {name} has shape {target.shape[0]}x{target.shape[1]} but "
+                                  f"the model's weight is {param.shape[0]}x{param.shape[1]}; was it packed for "
+                                  f"another model?")
             base = param.detach().numpy()
             if weight_digest(base) != target.base_digest:
                 raise ExportError(f"--adapter {path}: target {name} was made for different base weights (digest "

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from .fingerprint import base_fingerprint
+from .untrusted import open_regular, printable
 
 MAGIC = b"\x89SHIRA\r\n"   # high byte and CR LF catch 7-bit and text-mode transfers, as PNG's magic does
 VERSION = 1                 # bumped only on breaking changes; additive header keys are ignored by older readers
@@ -37,6 +38,7 @@ ALIGN = 8                   # every data section starts at a multiple of this (r
 MAX_HEADER = 1 << 20        # 1 MiB of JSON holds thousands of targets; more is hostile
 MAX_ELEMENTS = 1 << 48      # out*in of one weight; keeps every flat position far inside int64
 MAX_STREAM = 1 << 31        # entries in one index stream; with <=32-bit entries their sum cannot overflow int64
+MAX_ADAPTER_BYTES = 1 << 34  # 16 GiB: far above any adapter (a dense fp32 copy of a 4B-parameter model)
 
 # dtype name -> little-endian storage dtype. bf16 has no numpy dtype: its raw bits are kept as uint16.
 VALUE_DTYPES = {"fp32": np.dtype("<f4"), "fp16": np.dtype("<f2"), "bf16": np.dtype("<u2")}
@@ -303,6 +305,11 @@ def read_shira(source: str | os.PathLike | bytes | bytearray | memoryview) -> Sh
     return read_shira_layout(source)[0]
 
 
+def read_shira_bytes(data: bytes, label: str = "<bytes>") -> ShiraAdapter:
+    """read_shira of bytes already read from somewhere; `label` names that place in errors."""
+    return _Reader(np.frombuffer(data, dtype=np.uint8), label).read()[0]
+
+
 def read_shira_layout(source) -> tuple[ShiraAdapter, dict[str, TargetLayout]]:
     """read_shira plus where each target's sections lie in the file (for `inspect`)."""
     buf, label = _open(source)
@@ -313,15 +320,23 @@ def _open(source) -> tuple[np.ndarray, str]:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return np.frombuffer(source, dtype=np.uint8), "<bytes>"
     path = Path(source)
+    label = printable(path)
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:  # mmap refuses empty files
-                return np.zeros(0, dtype=np.uint8), str(path)
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        fd = open_regular(path, "adapter")   # a FIFO or device would block or never end
     except OSError as exc:
-        raise ShiraFormatError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    return np.frombuffer(mm, dtype=np.uint8), str(path)
+        raise ShiraFormatError(f"{label}: cannot read: {printable(exc.strerror or exc)}") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size > MAX_ADAPTER_BYTES:
+            raise ShiraFormatError(f"{label}: {size} bytes is over the {MAX_ADAPTER_BYTES}-byte cap for an adapter")
+        if size == 0:  # mmap refuses empty files
+            return np.zeros(0, dtype=np.uint8), label
+        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    except OSError as exc:
+        raise ShiraFormatError(f"{label}: cannot read: {printable(exc.strerror or exc)}") from None
+    finally:
+        os.close(fd)
+    return np.frombuffer(mm, dtype=np.uint8), label
 
 
 class _Reader:

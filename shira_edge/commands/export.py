@@ -14,6 +14,9 @@ from pathlib import Path
 
 import click
 
+from shira_edge.commands.checks import FiniteFloat
+from shira_edge.runtime.untrusted import printable
+
 FORMATS = ("onnx", "executorch")
 
 
@@ -26,11 +29,11 @@ FORMATS = ("onnx", "executorch")
               help="Comma-separated Linear modules to keep patchable (default: every untied Linear).")
 @click.option("--random-init", is_flag=True, help="Seeded random weights from the model's config (works offline).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random-init.")
-@click.option("--max-seq-len", type=int, default=None,
+@click.option("--max-seq-len", type=click.IntRange(min=2), default=None,
               help="Longest sequence (prompt + generated) the export runs; ExecuTorch allocates its static KV cache "
                    "for it. Default: min(256, max_position_embeddings) for executorch, max_position_embeddings "
                    "for onnx; never above max_position_embeddings.")
-@click.option("--atol", type=float, default=1e-4, show_default=True,
+@click.option("--atol", type=FiniteFloat(minimum=0), default=1e-4, show_default=True,
               help="Parity tolerance: max abs logit difference vs PyTorch (fp32).")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Output directory (OUT_DIR).")
@@ -42,8 +45,8 @@ def export(model_name, fmt, adapter, targets, random_init, seed, max_seq_len, at
         manifest = run_export(model_name, fmt=fmt, adapter=adapter, targets=_split(targets), random_init=random_init,
                               seed=seed, max_seq_len=max_seq_len, atol=atol, force=force, out_dir=out_dir,
                               stages=Stages())
-    except ExportError as exc:
-        raise click.ClickException(str(exc)) from None
+    except ExportError as exc:   # may quote names from an adapter file: escaped for the terminal
+        raise click.ClickException(printable(str(exc))) from None
     parity = manifest["export"].get("parity", {})
     patchable = sum(w["patchable"] for w in manifest["weights"])
     click.echo(f"wrote {Path(out_dir)} ({manifest['backend']}): {patchable} patchable weights, "

@@ -15,25 +15,12 @@ from pathlib import Path
 import click
 
 from shira_edge.runtime.shira_format import VALUE_DTYPES, VERSION, ShiraFormatError, read_shira_layout
-
-
-def printable(text: str) -> str:
-    """`text` with every non-printable character (controls, ESC, bidi overrides) and backslash escaped."""
-    out = []
-    for ch in str(text):
-        if ch == "\\":
-            out.append("\\\\")
-        elif ch.isprintable():
-            out.append(ch)
-        else:
-            code = ord(ch)
-            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
-    return "".join(out)
+from shira_edge.runtime.untrusted import printable
 
 
 def describe(path: Path) -> dict:
     """The report as plain data: what --json prints and the table is made from."""
-    adapter, layout = read_shira_layout(path)
+    adapter, layout = read_shira_layout(path)   # opens regular files only: a FIFO is refused, never waited on
     size = path.stat().st_size
     targets = []
     for name, t in adapter.targets.items():

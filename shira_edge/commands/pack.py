@@ -17,6 +17,7 @@ import click
 from shira_edge import __version__
 from shira_edge.peft_adapter import PeftAdapterError, read_peft_config, read_peft_shira
 from shira_edge.runtime.shira_format import VALUE_DTYPES, ShiraFormatError, make_adapter, make_target, write_shira
+from shira_edge.runtime.untrusted import printable, read_regular
 
 SIDECAR = "shira_edge.json"
 
@@ -27,10 +28,10 @@ def base_model_choice(adapter_dir: Path, model: str | None, random_init: bool, s
     sidecar = {}
     if sidecar_path.is_file():
         try:
-            sidecar = json.loads(sidecar_path.read_text()).get("base_model") or {}
-        except (OSError, ValueError, AttributeError) as exc:
-            raise click.ClickException(f"{sidecar_path}: cannot read it as JSON: {exc}; fix or delete it, "
-                                       f"or pass --model") from None
+            sidecar = json.loads(read_regular(sidecar_path, SIDECAR, limit=1 << 20)).get("base_model") or {}
+        except (OSError, ValueError, AttributeError, RecursionError) as exc:
+            raise click.ClickException(printable(f"{sidecar_path}: cannot read it as JSON: {exc}; fix or delete "
+                                                 f"it, or pass --model")) from None
     if model:
         return {"name": model, "random_init": random_init, "seed": 0 if seed is None else seed, "from": "--model"}
     if isinstance(sidecar, dict) and isinstance(sidecar.get("name"), str):
@@ -43,7 +44,7 @@ def base_model_choice(adapter_dir: Path, model: str | None, random_init: bool, s
         return {"name": name, "random_init": random_init, "seed": 0 if seed is None else seed,
                 "from": f"{adapter_dir / 'adapter_config.json'} base_model_name_or_path"}
     raise click.ClickException(
-        f"cannot tell which base model {adapter_dir} was made for: no --model, no {SIDECAR} sidecar, and "
+        f"cannot tell which base model {printable(adapter_dir)} was made for: no --model, no {SIDECAR} sidecar, and "
         f"adapter_config.json has no base_model_name_or_path. Pass --model NAME (an alias such as tiny-opt or "
         f"opt-125m, a hub id or a save_pretrained dir), with --random-init --seed N for a seeded random base."
     )
@@ -64,17 +65,17 @@ def pack_adapter(adapter_dir: str | Path, output: str | Path, *, dtype: str = "f
     try:
         base, info = load_model(choice["name"], random_init=choice["random_init"], seed=choice["seed"])
     except ModelNotAvailable as exc:
-        raise click.ClickException(f"base model (from {choice['from']}): {exc}") from None
+        raise click.ClickException(printable(f"base model (from {choice['from']}): {exc}")) from None
 
     state = base.state_dict()
     targets = []
     for name, entry in peft.entries.items():
         weight = state.get(name)
         if weight is None or weight.ndim != 2:
-            raise click.ClickException(
+            raise click.ClickException(printable(
                 f"{entry.file}: key {entry.module}.shira_weight adapts {name}, which is not a 2-D weight of the "
                 f"base model {info.name!r}; pass the --model the adapter was trained on"
-            )
+            ))
         shape = tuple(weight.shape)
         try:
             indices, values = entry.flat_sorted(shape)
@@ -98,18 +99,18 @@ def pack_adapter(adapter_dir: str | Path, output: str | Path, *, dtype: str = "f
     sidecar = adapter_dir / SIDECAR
     if sidecar.is_file():  # train's own record of the mask (e.g. a smart mask PEFT calls "custom")
         try:
-            side = json.loads(sidecar.read_text())
+            side = json.loads(read_regular(sidecar, SIDECAR, limit=1 << 20))
             metadata.update({k: side[k] for k in ("method", "mask", "mask_seed", "tokenizer") if k in side})
-        except (OSError, ValueError, TypeError):
+        except (OSError, ValueError, TypeError, RecursionError):
             pass  # already reported by base_model_choice when it mattered
     try:
         adapter = make_adapter(info.name, targets, dtype=dtype, metadata=metadata)
         path = write_shira(output, adapter)
     except ShiraFormatError as exc:
-        raise click.ClickException(f"{adapter_dir}: {exc}") from None
+        raise click.ClickException(f"{printable(adapter_dir)}: {exc}") from None   # the reader escapes what it quotes
     except OSError as exc:
-        raise click.ClickException(f"cannot write {output}: {exc.strerror or exc}; choose a writable -o path") \
-            from None
+        raise click.ClickException(printable(f"cannot write {output}: {exc.strerror or exc}; choose a writable -o "
+                                             f"path")) from None
 
     nnz = sum(t.nnz for t in targets)
     params = sum(t.shape[0] * t.shape[1] for t in targets)
@@ -130,7 +131,10 @@ def pack_adapter(adapter_dir: str | Path, output: str | Path, *, dtype: str = "f
 @click.option("--seed", type=int, default=None, help="Seed for --random-init (default: the sidecar's, else 0).")
 def pack(adapter_dir: Path, output: Path, dtype: str, model: str | None, random_init: bool, seed: int | None):
     """Pack a PEFT SHiRA adapter dir into a compact .shira file."""
-    s = pack_adapter(adapter_dir, output, dtype=dtype, model=model, random_init=random_init, seed=seed)
+    from shira_edge.exporters.common import sigterm_unwinds
+
+    with sigterm_unwinds():   # SIGTERM mid-write removes the temp file, as Ctrl-C does
+        s = pack_adapter(adapter_dir, output, dtype=dtype, model=model, random_init=random_init, seed=seed)
     click.echo(f"packed {s['targets']} targets, {s['nnz']:,} nnz ({s['density']:.2%} density), {s['dtype']}: "
                f"{s['bytes']:,} bytes, {s['bytes_per_param']:.2f} bytes/param "
-               f"[base {s['base']}, {s['weights']}] -> {s['path']}")
+               f"[base {printable(s['base'])}, {s['weights']}] -> {printable(s['path'])}")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import click
 
+from shira_edge.commands.checks import FiniteFloat
+from shira_edge.runtime.untrusted import printable
 from shira_edge.tuner import DEFAULT_TARGETS, MASKS, METHODS
 
 
@@ -21,16 +23,16 @@ from shira_edge.tuner import DEFAULT_TARGETS, MASKS, METHODS
               help="shira, or lora as the baseline with the same trainable parameters.")
 @click.option("--mask", type=click.Choice(MASKS), default="rand", show_default=True,
               help="SHiRA mask: rand (PEFT's), wm |W|, grad |dL/dW|, snip |W dL/dW|, struct rows+cols+diagonal.")
-@click.option("--r", "-r", "r", type=int, default=32, show_default=True,
+@click.option("--r", "-r", "r", type=click.IntRange(min=1), default=32, show_default=True,
               help="Size: r(m+n) trainable entries per m x n weight (LoRA: rank r). Under torchrun write -r "
                    "(torchrun's own parser rejects --r as an ambiguous prefix).")
 @click.option("--target-modules", default=",".join(DEFAULT_TARGETS), show_default=True,
               help="Comma-separated linear module names to adapt.")
-@click.option("--steps", type=int, default=None, help="Optimizer steps (default: one epoch).")
-@click.option("--epochs", type=float, default=None, help="Epochs over the training split (instead of --steps).")
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="AdamW learning rate.")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Blocks per step per process.")
-@click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per block.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps (default: one epoch).")
+@click.option("--epochs", type=FiniteFloat(minimum=0, open=True), default=None, help="Epochs over the training split (instead of --steps).")
+@click.option("--lr", type=FiniteFloat(minimum=0, open=True), default=1e-3, show_default=True, help="AdamW learning rate.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Blocks per step per process.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=128, show_default=True, help="Tokens per block.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds the mask, data split and order, and a --random-init base.")
 @click.option("--random-init", is_flag=True, help="Build the base from its config with seeded weights (offline).")
@@ -52,10 +54,10 @@ def train(model, data, method, mask, r, target_modules, steps, epochs, lr, batch
         result = train_adapter(model, data, out_dir, method=method, mask=mask, r=r, target_modules=modules,
                                steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed,
                                random_init=random_init, force=force, progress=not quiet)
-    except DataError as exc:
-        raise click.BadParameter(str(exc), param_hint="--data") from None
+    except DataError as exc:   # may quote the data file: escaped for the terminal
+        raise click.BadParameter(printable(str(exc)), param_hint="--data") from None
     except TunerInputError as exc:
-        raise click.BadParameter(str(exc), param_hint=exc.flag) from None
+        raise click.BadParameter(printable(str(exc)), param_hint=exc.flag) from None
     if result.world_size == 1 or _rank() == 0:
         click.echo(result.summary())
 
