@@ -23,7 +23,7 @@ from typing import Callable
 from .common import ExportError
 
 # model_type -> the module that describes it. Adding an architecture = one module + one line here + one test row.
-MODULES = {"opt": "arch_opt"}
+MODULES = {"opt": "arch_opt", "llama": "arch_llama", "mistral": "arch_mistral", "qwen2": "arch_qwen2"}
 
 
 @dataclass(frozen=True)

@@ -66,10 +66,9 @@ def _place(root: nn.Module, path: str, module: nn.Module) -> nn.Module:
 
 
 class DecoderLM(nn.Module):
-    """Token ids + positions + a cache -> logits. Subclasses (kv_cache.py) own the forward signature and the cache.
-
-    Hooks a subclass provides: `cache_update(i, k, v) -> (k_all, v_all)` with k, v [B, kv_heads, S, head_dim], and
-    the mask as `mask_bias(q_slots, kv_slots, valid, window)`'s inputs (see `_bias`)."""
+    """Token ids + positions + a cache -> logits. Subclasses (kv_cache.py) own the forward signature and the cache:
+    they call `run` with the cache slots of the queries and keys and a `cache_update(i, k, v) -> (k_all, v_all)`
+    (k, v: layer i's new keys/values [B, kv_heads, S, head_dim]; k_all, v_all: everything attention sees)."""
 
     def __init__(self, hf_model: nn.Module, arch: Architecture, linear=lambda m: m):
         super().__init__()
@@ -114,7 +113,7 @@ class DecoderLM(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return x, (emb.cos() * self.rope_scaling, emb.sin() * self.rope_scaling)
 
-    def attention(self, i: int, x, rope, bias):
+    def attention(self, i: int, x, rope, bias, cache_update):
         a, blk = self.arch, self.blocks[i]
         b, s, _ = x.shape
         q = blk.q(x)
@@ -126,7 +125,7 @@ class DecoderLM(nn.Module):
         if rope is not None:
             cos, sin = rope[0].unsqueeze(1), rope[1].unsqueeze(1)
             q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        k, v = self.cache_update(i, k, v)
+        k, v = cache_update(i, k, v)
         groups = a.num_heads // a.num_kv_heads
         if groups > 1:  # grouped-query attention: each KV head serves `groups` query heads (transformers' repeat_kv)
             t = k.shape[2]
@@ -159,13 +158,14 @@ class DecoderLM(nn.Module):
             masks[window] = torch.where(allowed, 0.0, torch.finfo(dtype).min)
         return masks
 
-    def run(self, input_ids, positions, q_slots, kv_slots, valid=None):
-        """The whole decoder: logits [B, S, vocab]. The subclass has set up the cache for this call."""
+    def run(self, input_ids, positions, q_slots, kv_slots, cache_update, valid=None):
+        """The whole decoder: logits [B, S, vocab]. positions [B, S]: 0-based token positions; q_slots [S] and
+        kv_slots [T]: cache slot indices for the causal mask; valid [B, 1, 1, T] or None: slots that may be seen."""
         x, rope = self.embed(input_ids, positions)
         bias = self._bias(q_slots, kv_slots, valid, x.dtype)
         pre = self.arch.pre_norm
         for i, blk in enumerate(self.blocks):
-            x = residual(x, blk.attn_norm, lambda h: self.attention(i, h, rope, bias), pre)
+            x = residual(x, blk.attn_norm, lambda h: self.attention(i, h, rope, bias, cache_update), pre)
             x = residual(x, blk.mlp_norm, lambda h: self.mlp(i, h), pre)
         if self.top.final_norm is not None:
             x = self.top.final_norm(x)

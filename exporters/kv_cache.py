@@ -50,19 +50,17 @@ class PastPresentDecoder(DecoderLM):
         present = [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
         return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
 
-    def cache_update(self, i, k, v):
-        k = torch.cat([self._past[2 * i], k], dim=2)
-        v = torch.cat([self._past[2 * i + 1], v], dim=2)
-        self._present += [k, v]
-        return k, v
-
     def forward(self, input_ids, attention_mask, position_ids, *past):
-        self._past, self._present = past, []
+        present = []
+
+        def cache_update(i, k, v):   # past ++ new, which is also what this step returns as present
+            present.extend((torch.cat([past[2 * i], k], dim=2), torch.cat([past[2 * i + 1], v], dim=2)))
+            return present[-2], present[-1]
+
         seq, total = input_ids.shape[1], attention_mask.shape[1]
         slots = torch.arange(total, device=input_ids.device)
         valid = attention_mask[:, None, None, :].bool()
-        logits = self.run(input_ids, position_ids, slots[total - seq:], slots, valid)
-        present, self._past, self._present = self._present, None, None
+        logits = self.run(input_ids, position_ids, slots[total - seq:], slots, cache_update, valid)
         return (logits, *present)
 
 
@@ -77,19 +75,17 @@ class StaticCacheDecoder(DecoderLM):
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
             self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
 
-    def cache_update(self, i, k, v):
-        k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
-        k_cache.index_put_((self._pos,), k[0].transpose(0, 1))
-        v_cache.index_put_((self._pos,), v[0].transpose(0, 1))
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        slots = torch.arange(self.max_seq_len, device=tokens.device)
         # ExecuTorch gives mutated buffers no defined initial state: zero the slots no query can see yet, so
         # that garbage (even NaN) there cannot leak through 0 * NaN in the value product.
-        written = (torch.arange(self.max_seq_len, device=k.device) <= self._pos[-1]).view(-1, 1, 1)
-        v_cache = torch.where(written, v_cache, torch.zeros_like(v_cache))
-        return k_cache.transpose(0, 1)[None], v_cache.transpose(0, 1)[None]   # [1, kv_heads, max_seq_len, D]
+        written = (slots <= input_pos[-1]).view(-1, 1, 1)
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        self._pos = input_pos
-        slots = torch.arange(self.max_seq_len, device=tokens.device)
-        logits = self.run(tokens, input_pos[None], input_pos, slots)
-        self._pos = None
-        return logits
+        def cache_update(i, k, v):   # write the new K/V at input_pos, attend over all max_seq_len slots
+            k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
+            k_cache.index_put_((input_pos,), k[0].transpose(0, 1))
+            v_cache.index_put_((input_pos,), v[0].transpose(0, 1))
+            v_cache = torch.where(written, v_cache, torch.zeros_like(v_cache))
+            return k_cache.transpose(0, 1)[None], v_cache.transpose(0, 1)[None]   # [1, kv_heads, max_seq_len, D]
+
+        return self.run(tokens, input_pos[None], input_pos, slots, cache_update)

@@ -33,3 +33,34 @@ def tiny_opt_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-opt")
     make_tiny_opt(seed=0).save_pretrained(path)
     return path
+
+
+# Tiny Llama-family models: GQA (4 query heads over 2 KV heads), RMSNorm, RoPE, SwiGLU. Each is one exporter test row.
+TINY_LLAMA = dict(
+    vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=True,
+    bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)
+TINY_FAMILY = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    # Llama 3.x: rope_scaling "llama3" (frequencies rescaled at init), an untied lm_head
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(
+        tie_word_embeddings=False, rope_parameters=dict(
+            rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=32))),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),           # q/k/v carry a bias
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=6, tie_word_embeddings=False)),
+}
+
+
+def make_tiny(family: str, seed: int = 0, **overrides):
+    """A tiny random model of one architecture family ("opt", "llama", "llama3", "qwen2", "mistral")."""
+    if family == "opt":
+        return make_tiny_opt(seed, **overrides)
+    import torch
+    import transformers
+
+    config_cls, model_cls, extra = TINY_FAMILY[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(**{**TINY_LLAMA, **extra, **overrides})
+    return getattr(transformers, model_cls)(config).eval()
