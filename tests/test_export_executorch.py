@@ -24,7 +24,7 @@ from shira_edge.models import ModelInfo
 from shira_edge.runtime.fingerprint import base_fingerprint, weight_digest
 
 from .conftest import make_tiny_opt
-from .test_export_onnx import export_cli, peft_adapter  # noqa: F401  (peft_adapter is a fixture used below)
+from .test_export_contract import export_cli, peft_adapter  # noqa: F401  (peft_adapter is a fixture used below)
 
 pytestmark = pytest.mark.slow
 MAX_SEQ = 32
