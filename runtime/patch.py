@@ -7,8 +7,9 @@ values back, write the new plan's values.
 - `Slot` says where one manifest weight sits in the backend buffer (start element, layout) and where its pristine
   base bytes are on disk (file, offset).
 - `prepare_adapter` reads and validates a `.shira` against the slots (fingerprint, per-target digest, patchable,
-  shape, finite values) and maps its row-major (out, in) indices to buffer positions: `transposed` layout stores
-  W[r, c] at c * out + r.
+  shape, finite values) and maps its row-major (out, in) indices to buffer positions with runtime/layout.py
+  (`transposed` layout stores W[r, c] at c * out + r; slices of fused tensors, row permutations and packed layouts
+  are mapped there too).
 - `compose` turns [(adapter, scale), ...] into a `Plan`: the sorted union of positions, the base values there (read
   from the export's own files, so a plan never depends on what is live), and base + s1*d1 + s2*d2 ... computed in
   float32 in that order, the order PEFT merges adapters in, so the result equals PEFT's merged weights bit for bit.
@@ -22,11 +23,13 @@ values back, write the new plan's values.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from .layout import buffer_positions, file_elements, tensor_shape
 from .shira_format import decode_values, read_shira
 
 
@@ -36,24 +39,42 @@ class AdapterMismatch(ValueError):
 
 @dataclass(frozen=True)
 class Slot:
+    """Where one manifest weight lives; runtime/layout.py maps its (row, col) through these fields."""
+
     name: str            # PyTorch state_dict name
     out: int
     inp: int
-    layout: str          # "as_is": (out, in) row-major; "transposed": (in, out) row-major
-    start: int           # first element of this weight in the backend's flat float32 buffer
-    file: Path | None    # pristine base bytes: the export's own file ...
-    offset: int          # ... at this byte offset, in `layout`
+    layout: str          # "as_is": T[o, c]; "transposed": T[c, o] (o = out_offset + row_perm[r])
+    start: int           # first element of the backend tensor T in the backend's flat float32 buffer
+    file: Path | None    # pristine base bytes of T: the export's own file ...
+    offset: int          # ... at this byte offset, row-major `tensor_shape`
     digest: str
     patchable: bool
+    tensor_shape: tuple[int, int] | None = None   # (R, C) of T; None: (out, inp), reversed when transposed
+    out_offset: int = 0                            # where this weight's outputs start in T (fused tensors)
+    row_perm: np.ndarray | None = field(default=None, compare=False)   # PyTorch row r -> output row_perm[r]
+    packing: object | None = field(default=None, compare=False)        # a layout.MlasPackedB / TablePacking
+
+    @property
+    def tensor_size(self) -> int:
+        rows, cols = tensor_shape(self)
+        return rows * cols
 
 
-def buffer_positions(slot: Slot, flat_indices: np.ndarray) -> np.ndarray:
-    """Row-major (out, in) flat indices -> positions in the flat buffer (int64, same order as given)."""
-    idx = np.asarray(flat_indices, dtype=np.int64)
-    if slot.layout == "transposed":
-        rows, cols = np.divmod(idx, slot.inp)
-        idx = cols * slot.out + rows
-    return idx + slot.start
+_FILE_VIEWS: "weakref.WeakKeyDictionary[Slot, Slot]" = weakref.WeakKeyDictionary()
+
+
+def file_view(slot: Slot) -> Slot:
+    """The slot as the export's file stores it (T row-major from element 0, unpacked): what read_base reads.
+
+    An unpacked slot is its own view. A packed slot's view is made once and lives as long as the slot, so that
+    pin_base / read_base see one object per weight."""
+    if slot.packing is None:
+        return slot
+    view = _FILE_VIEWS.get(slot)
+    if view is None:
+        view = _FILE_VIEWS.setdefault(slot, replace(slot, start=0, packing=None))
+    return view
 
 
 def buffer_order(slot: Slot, sorted_indices: np.ndarray) -> np.ndarray | None:
@@ -62,8 +83,11 @@ def buffer_order(slot: Slot, sorted_indices: np.ndarray) -> np.ndarray | None:
     Transposed buffers are ordered by (col, row); a stable sort on the column alone gives that, since rows already
     increase, and a narrow key lets numpy use its linear-time radix sort.
     """
-    if slot.layout == "as_is":
+    plain = slot.packing is None and slot.row_perm is None
+    if plain and slot.layout == "as_is":
         return None
+    if not plain:   # permuted or packed: sort the positions themselves
+        return np.argsort(buffer_positions(slot, sorted_indices), kind="stable")
     cols = np.asarray(sorted_indices) % slot.inp
     key = cols.astype(np.uint16) if slot.inp <= 1 << 16 else cols
     return np.argsort(key, kind="stable")
@@ -204,7 +228,8 @@ def compose(parts: list[tuple[PreparedAdapter, float]]) -> Plan:
     for group in sorted(by_slot.values(), key=lambda g: g[0][0].slot.start):
         slot = group[0][0].slot
         positions = group[0][0].positions if len(group) == 1 else np.unique(np.concatenate([t.positions for t, _ in group]))
-        base = read_base(slot, positions)
+        view = file_view(slot)
+        base = read_base(view, file_elements(slot, positions) + view.start)
         values = base.copy()
         with np.errstate(over="ignore", invalid="ignore"):   # checked just below
             for t, scale in group:
@@ -215,4 +240,8 @@ def compose(parts: list[tuple[PreparedAdapter, float]]) -> Plan:
             raise AdapterMismatch(f"{slot.name}: base + scaled delta overflows float32 for {bad}; use smaller scales")
         pos_chunks.append(positions), val_chunks.append(values), base_chunks.append(base)
     active = tuple((a.name, float(s)) for a, s in parts)
-    return Plan(active, np.concatenate(pos_chunks), np.concatenate(val_chunks), np.concatenate(base_chunks))
+    positions, values, base = (np.concatenate(c) for c in (pos_chunks, val_chunks, base_chunks))
+    if positions.size > 1 and np.any(np.diff(positions) <= 0):   # weights sharing one fused tensor interleave
+        order = np.argsort(positions, kind="stable")
+        positions, values, base = positions[order], values[order], base[order]
+    return Plan(active, positions, values, base)

@@ -8,7 +8,9 @@ The switch path, top to bottom:
    (patch.compose). Cached per combination.
 3. `switch(...)` does 1 and 2 first, so nothing is touched until the new state is known to be valid; then, under
    the write lock, it scatters the live plan's base values back and the new plan's values in (scatter.scatter_into),
-   and tells the backend its weights changed (ONNX: swap sessions / rebuild packed; ExecuTorch: reload the method).
+   and tells the backend (runtime/backend.py). ONNX Runtime's packed-in-place path needs nothing more: the scatter
+   wrote into the packed weights its session computes from. If the backend fails to take the new weights (a failed
+   rebuild on the fallback path), the old values are written back and nothing has changed.
 
 Runs and generations hold the read lock, so they see either the old state or the new one, never a mix.
 """
@@ -23,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .fingerprint import base_fingerprint
+from .layout import buffer_positions
 from .patch import BASE_PLAN, Plan, PreparedAdapter, adapter_key, compose, prepare_adapter
 from .rwlock import RWLock
 from .scatter import check_plan, scatter_into
@@ -33,25 +36,28 @@ PLAN_CACHE = 16      # composed states kept; each costs 16 bytes per touched wei
 class Runtime:
     """Load an export directory (manifest.json decides the backend) and switch SHiRA adapters in place.
 
-    policy (ONNX Runtime): "auto" (default; a switch is live in milliseconds, full speed after a background rebuild,
-    see `wait_ready`), "instant" (never rebuild: live in milliseconds, unpacked speed always) or "packed" (a switch
-    returns after the rebuild; every run at full speed). ExecuTorch reloads its method on every switch, so it
-    accepts only "auto"/"packed" (the same thing there).
+    ONNX Runtime writes a switch straight into the packed weights of its one session (`switch_path` ==
+    "packed-in-place": live and at full speed when switch() returns) once its start-up self-test passes. policy only
+    matters where it does not (`switch_path` == "rebuild", with a warning saying why; or in_place=False): "auto"
+    (default; live in milliseconds, full speed after a background rebuild, see `wait_ready`), "instant" (never
+    rebuild: unpacked speed always) or "packed" (a switch returns after the rebuild). ExecuTorch accepts only
+    "auto"/"packed" (the same thing there).
     threads: intra-op threads of the backend (None: its default). scatter_threads: threads of the switch kernel.
     """
 
     def __init__(self, export_dir, threads: int | None = None, *, policy: str = "auto",
-                 scatter_threads: int | None = None):
+                 scatter_threads: int | None = None, in_place: bool = True):
         from .manifest import read_manifest
 
         self.dir = Path(export_dir)
         self.manifest = read_manifest(self.dir)
         if self.manifest["backend"] == "onnxruntime":
             from .onnx_backend import OnnxBackend
-            self._backend = OnnxBackend(self.dir, self.manifest, policy=policy, threads=threads)
+            self._backend = OnnxBackend(self.dir, self.manifest, policy=policy, threads=threads, in_place=in_place)
         else:
             from .executorch_backend import ExecuTorchBackend
-            self._backend = ExecuTorchBackend(self.dir, self.manifest, policy=policy, threads=threads)
+            self._backend = ExecuTorchBackend(self.dir, self.manifest, policy=policy, threads=threads,
+                                              **({} if in_place else {"in_place": False}))
         self.policy = policy
         self.scatter_threads = scatter_threads or threads or 1
         self._digests = {w["name"]: (w["shape"], w["digest"]) for w in self.manifest["weights"]}
@@ -128,14 +134,20 @@ class Runtime:
         with self._lock.writing():
             locked = scatter_start = scattered = time.perf_counter()
             if new is not self._live:
+                old, flat, threads = self._live, self._backend.flat, self.scatter_threads
                 self._backend.weights_changed()
-                flat, threads = self._backend.flat, self.scatter_threads
                 scatter_start = time.perf_counter()
-                scatter_into(flat, self._live.positions, self._live.base, threads)
+                scatter_into(flat, old.positions, old.base, threads)
                 scatter_into(flat, new.positions, new.values, threads)
-                self._live = new
                 scattered = time.perf_counter()
-                self._backend.after_scatter()
+                try:
+                    self._backend.after_scatter()
+                except BaseException:   # e.g. a failed rebuild: put the old state back, then re-raise
+                    scatter_into(flat, new.positions, new.base, threads)
+                    scatter_into(flat, old.positions, old.values, threads)
+                    self._backend.weights_reverted()
+                    raise
+                self._live = new
             done = time.perf_counter()
         self.last_switch = {"prepare_s": prepared - start, "wait_s": locked - prepared,
                             "scatter_s": scattered - scatter_start,
@@ -145,6 +157,17 @@ class Runtime:
     def active(self) -> tuple[tuple[str, float], ...]:
         """What is live: ((adapter name, scale), ...); () for the base model."""
         return self._live.active
+
+    @property
+    def switch_path(self) -> str:
+        """How a switch reaches the kernels: "packed-in-place" (ONNX Runtime, live at full speed when switch()
+        returns), "rebuild" (ONNX Runtime fallback; see `switch_fallback_reason`) or the backend's own path."""
+        return getattr(self._backend, "switch_path", "reload")
+
+    @property
+    def switch_fallback_reason(self) -> str | None:
+        """Why the packed-in-place path is not used (None where it is, or where the backend has no such path)."""
+        return getattr(self._backend, "fallback_reason", None)
 
     @property
     def ready(self) -> bool:
@@ -201,10 +224,9 @@ class Runtime:
         if slot is None or not slot.patchable:
             known = ", ".join(n for n, s in list(self._backend.slots.items())[:4] if s.patchable)
             raise KeyError(f"{name!r} is not a patchable weight of {self.dir} (e.g. {known}, ...)")
-        n = slot.out * slot.inp
+        positions = buffer_positions(slot, np.arange(slot.out * slot.inp))   # any layout, packed or not
         with self._lock.reading():
-            buf = self._backend.flat[slot.start: slot.start + n].copy()
-        return buf.reshape(slot.out, slot.inp) if slot.layout == "as_is" else buf.reshape(slot.inp, slot.out).T.copy()
+            return self._backend.flat[positions].reshape(slot.out, slot.inp)
 
     def close(self) -> None:
         """Stop the background builder and release the sessions; the runtime cannot run afterwards."""
@@ -223,8 +245,8 @@ class Runtime:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"Runtime({str(self.dir)!r}, backend={self._backend.backend}, policy={self.policy!r}, "
-                f"active={self.active})")
+        return (f"Runtime({str(self.dir)!r}, backend={self._backend.backend}, switch_path={self.switch_path!r}, "
+                f"policy={self.policy!r}, active={self.active})")
 
 
 def _ids(input_ids) -> np.ndarray:

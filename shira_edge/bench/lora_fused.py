@@ -2,8 +2,9 @@
 then whatever the backend needs to see them, done by the runtime's own backend classes so that only the weight
 update differs from SHiRA's switch.
 
-- ONNX Runtime: an `OnnxBackend(policy="packed")` owns the buffers; after the fusion it rebuilds its prepacked
-  session (`weights_changed` + `after_scatter`), exactly what a SHiRA switch with policy "packed" does.
+- ONNX Runtime: an `OnnxBackend(policy="packed", in_place=False)` owns plain (unpacked) buffers; after the fusion
+  it rebuilds its prepacked session (`weights_changed` + `after_scatter`): what any runtime that fuses LoRA into
+  weights ORT prepacks must do. (SHiRA's packed-in-place switch writes into the packed weights instead.)
 - ExecuTorch: an `ExecuTorchBackend` owns a patchable copy of model.ptd; `after_scatter` reloads the method.
 
 Switching from adapter X to Y is done as one rank-2r update per weight, W += [B_y, -B_x] @ [A_y; A_x] (one pass over
@@ -24,7 +25,7 @@ class LoraFused:
     def __init__(self, export_dir, manifest: dict, threads: int):
         if manifest["backend"] == "onnxruntime":
             from ..runtime.onnx_backend import OnnxBackend
-            self.backend = OnnxBackend(export_dir, manifest, policy="packed", threads=threads)
+            self.backend = OnnxBackend(export_dir, manifest, policy="packed", threads=threads, in_place=False)
         else:
             from ..runtime.executorch_backend import ExecuTorchBackend
             self.backend = ExecuTorchBackend(export_dir, manifest, threads=threads)

@@ -1,0 +1,302 @@
+"""The packed-in-place switch for ONNX Runtime: adapters are written straight into the packed (MLAS packed-B) weights
+a live session computes with, so a switch is a scatter and the next run is at the base model's speed.
+
+Start-up (`PackedInPlace`), all of it before the runtime accepts a switch:
+
+1. **Pack cache.** A session over the export with `session.save_external_prepacked_constant_initializers=1`,
+   `optimized_model_filepath` and `session.optimized_model_external_initializers_file_name` writes the optimized
+   model and one data file holding every initializer and the packed copy of every constant MatMul weight, into a
+   fresh private directory on a tmpfs (`pack_dir()`). ORT refuses a memfd's /proc/self/fd/N path (its external-data
+   check canonicalises it to "/memfd:... (deleted)"), so the directory is on /dev/shm; it is unlinked as soon as the
+   packed session and our mapping are open, so nothing outlives the process, and a directory left by a process
+   that died during the few seconds before is removed at the next start (`remove_stale`). The cache is built from
+   the export at every start, never reused: a crash mid-switch cannot leave patched "base" weights behind.
+2. **One packed session** over the saved model. ORT maps the data file (MAP_PRIVATE) and its MatMul kernels read the
+   packed blobs from that mapping. We map the same file MAP_SHARED (`np.memmap(mode="r+")`) as the patch target
+   `flat`; writes through it reach the session's mapping through the page cache.
+3. **Layout, probed here.** For every distinct (K, N) a one-MatMul model whose weight element e holds the float32
+   with bit pattern 0x3f800000 + e is saved the same way; where each pattern landed gives the offset of element e
+   (`probe_layout`). If that equals the MLAS closed form (layout.MlasPackedB) the closed form is kept (no table);
+   otherwise the probed table is (layout.TablePacking).
+4. **Verify.** Every patchable tensor's packed blob in the file must equal the export's tensor placed through that
+   layout, bit for bit (padding zero). Then the unpacked originals of the patchable tensors are released
+   (fallocate PUNCH_HOLE), and the logits must stay bit-identical; if not, they are written back.
+5. **Self-test.** Patch one packed element: the logits must move; restore it: they must be bit-identical again.
+
+Any failure raises PackedPathUnavailable with the reason; the ONNX backend then falls back to rebuilding sessions.
+
+What this relies on that ORT does not promise (all checked by 3-5 on the running machine and ORT build): that the
+session reads packed weights from the mapped file rather than a private copy, never writes to that mapping, keeps
+the saved layout, and does not read the unpacked originals after it was created.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import onnx_proto
+from .layout import MlasPackedB, TablePacking, tensor_shape
+
+PACK_DIR_ENV = "SHIRA_EDGE_PACK_DIR"   # a tmpfs directory to use instead of /dev/shm
+PREFIX = "shira-edge-pack-"
+ONE_BITS = 0x3F800000                  # float32 1.0: probe value of element e is the float with bits ONE_BITS + e
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
+TMPFS = ("tmpfs", "ramfs")
+
+
+class PackedPathUnavailable(RuntimeError):
+    """The packed-in-place switch cannot run here (message: why); the backend falls back to rebuilding."""
+
+
+# ---------------------------------------------------------------- where the cache lives
+
+
+def _fs_type(path: Path) -> str | None:
+    """File system type of the mount holding `path` (from /proc/self/mountinfo; None if unknown)."""
+    best, kind = "", None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                parts = line.split()
+                mount, fstype = parts[4], parts[parts.index("-") + 1]
+                if (str(path) + "/").startswith(mount.rstrip("/") + "/") and len(mount) >= len(best):
+                    best, kind = mount, fstype
+    except (OSError, ValueError, IndexError):
+        return None
+    return kind
+
+
+def pack_dir() -> Path:
+    """A tmpfs directory for the pack cache: $SHIRA_EDGE_PACK_DIR, else /dev/shm. A disk-backed file would make every
+    switch pay write-back (150-190 ms measured on opt-125m) and write weights to disk, so anything else is refused."""
+    for candidate in (os.environ.get(PACK_DIR_ENV), "/dev/shm"):
+        if not candidate:
+            continue
+        path = Path(candidate)
+        if path.is_dir() and os.access(path, os.W_OK) and _fs_type(path.resolve()) in TMPFS:
+            return path
+    raise PackedPathUnavailable(f"no writable tmpfs for the pack cache (/dev/shm, or set {PACK_DIR_ENV} to a tmpfs "
+                                f"directory)")
+
+
+def remove_stale(root: Path) -> None:
+    """Remove pack-cache directories of processes that no longer exist (they died during their start-up)."""
+    for d in root.glob(PREFIX + "*"):
+        try:
+            pid = int(d.name[len(PREFIX):].split("-")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, PermissionError, OSError):
+            continue
+
+
+# ---------------------------------------------------------------- saving a packed model
+
+
+def save_packed(ort, model, options, out_dir: Path, data_name: str) -> tuple[Path, Path]:
+    """Let ORT write `model` (path or bytes) optimized, with its prepacked weights, into out_dir: (model, data)."""
+    out_model = out_dir / (data_name + ".onnx")
+    options.optimized_model_filepath = str(out_model)
+    options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_name)
+    ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                         providers=["CPUExecutionProvider"])
+    return out_model, out_dir / data_name
+
+
+def blob_of(init: onnx_proto.Initializer, where: str) -> tuple[int, int]:
+    """(offset, length) in bytes of the single MatMul prepacked blob of one initializer."""
+    blobs = init.prepacked()
+    if len(blobs) != 1 or blobs[0][0] != "MatMul":
+        raise PackedPathUnavailable(f"{where}: {init.name} has prepacked blobs {blobs}, not exactly one MatMul blob")
+    _, offset, length = blobs[0]
+    if offset % 4 or length % 4:
+        raise PackedPathUnavailable(f"{where}: {init.name}'s packed blob is not 4-byte aligned")
+    return offset, length
+
+
+def probe_layout(ort, k: int, n: int, make_options, workdir: Path):
+    """The packed layout ORT uses here for a constant MatMul weight of shape (K, N): packing object + whether it is the
+    MLAS closed form."""
+    if k * n >= 0x7F800000 - ONE_BITS:
+        raise PackedPathUnavailable(f"a ({k}, {n}) weight is too large to probe")
+    bits = np.arange(k * n, dtype=np.uint32) + np.uint32(ONE_BITS)
+    model_path, data_path = save_packed(ort, onnx_proto.matmul_model(k, n, bits.view(np.float32)), make_options(),
+                                        workdir, f"probe-{k}x{n}")
+    try:
+        init = next(i for i in onnx_proto.initializers(model_path.read_bytes()) if i.name == "W")
+        offset, length = blob_of(init, f"layout probe {k}x{n}")
+        blob = np.fromfile(data_path, "<u4", length // 4, offset=offset)
+    except (OSError, StopIteration, ValueError) as exc:
+        raise PackedPathUnavailable(f"layout probe {k}x{n}: {exc}") from None
+    finally:
+        model_path.unlink(missing_ok=True)
+        data_path.unlink(missing_ok=True)
+    filled = blob != 0
+    elements = blob[filled].astype(np.int64) - ONE_BITS
+    if elements.size != k * n or np.any(np.bincount(elements, minlength=k * n) != 1) or np.any(blob[~filled]):
+        raise PackedPathUnavailable(f"layout probe {k}x{n}: the packed blob is not a permutation of the weight "
+                                    f"plus zero padding")
+    table = np.empty(k * n, np.int64)
+    table[elements] = np.flatnonzero(filled)
+    closed = MlasPackedB(k, n)
+    if closed.size == blob.size and np.array_equal(closed.positions(np.arange(k * n)), table):
+        return closed, True
+    return TablePacking(table, blob.size), False
+
+
+def punch_hole(fd: int, start: int, stop: int, page: int) -> int:
+    """Free the whole pages inside [start, stop) of a tmpfs file; returns the bytes freed (0 where unsupported)."""
+    a, b = -(-start // page) * page, stop // page * page
+    if b <= a:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, a, b - a) != 0:
+        return 0
+    return b - a
+
+
+# ---------------------------------------------------------------- the live cache
+
+
+class PackedInPlace:
+    """One packed session over a tmpfs pack cache, and `flat`: the cache's data file mapped writable (float32)."""
+
+    def __init__(self, ort, model_path: Path, manifest_weights: list[dict], make_options, logits_of, probe_ids,
+                 slots_from):
+        """make_options(): fresh SessionOptions; logits_of(session, ids): logits; slots_from(place): the Slots,
+        given place(entry) -> (start, packing) for each patchable tensor (backend.slots_from_manifest)."""
+        started = time.perf_counter()
+        root = pack_dir()
+        remove_stale(root)
+        work = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=root))
+        self.fd = None
+        try:
+            saved_model, saved_data = save_packed(ort, model_path, make_options(), work, "model.pack")
+            self._session = ort.InferenceSession(str(saved_model), make_options(), providers=["CPUExecutionProvider"])
+            self.fd = os.open(saved_data, os.O_RDWR)
+            self.flat = np.memmap(saved_data, dtype="<f4", mode="r+")
+            inits = {i.name: i for i in onnx_proto.initializers(saved_model.read_bytes())}
+            self.layouts = {}   # (K, N) -> (packing, closed form?)
+            for w in manifest_weights:
+                if w["patchable"]:
+                    shape = tuple(w.get("tensor_shape") or (w["shape"] if w["layout"] == "as_is" else w["shape"][::-1]))
+                    if shape not in self.layouts:
+                        self.layouts[shape] = probe_layout(ort, *shape, make_options, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)   # the session and the mapping keep the data alive
+        self._originals = {}   # tensor -> (offset, length) of its unpacked copy in the cache file
+        self._tensor_of_start = {}
+
+        def place(entry):
+            init = inits.get(entry["tensor"])
+            if init is None:
+                raise PackedPathUnavailable(f"the optimized model has no initializer {entry['tensor']!r}")
+            offset, length = blob_of(init, "pack cache")
+            packing = self.layouts.get(tuple(init.dims), (None,))[0]
+            if packing is None or packing.size * 4 != length:
+                raise PackedPathUnavailable(f"{entry['tensor']}: packed blob of {length} bytes does not match "
+                                            f"the probed layout of shape {init.dims}")
+            self._originals[entry["tensor"]] = (int(init.external["offset"]), int(init.external["length"]))
+            self._tensor_of_start[offset // 4] = entry["tensor"]
+            return offset // 4, packing
+
+        self.slots = slots_from(place)
+        self.verify_layout()
+        self.freed_bytes = self.release_originals(logits_of, probe_ids)
+        self.self_test(logits_of, probe_ids)
+        self.start_seconds = time.perf_counter() - started
+
+    # The switch needs nothing from the session: the scatter wrote into the weights it computes from.
+    def weights_changed(self) -> None:
+        pass
+
+    def after_scatter(self) -> None:
+        pass
+
+    def weights_reverted(self) -> None:
+        pass
+
+    def session(self):
+        return self._session
+
+    ready = True
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return True
+
+    @property
+    def cache_bytes(self) -> int:
+        """tmpfs memory held by the pack cache now (allocated blocks of its data file)."""
+        return os.fstat(self.fd).st_blocks * 512 if self.fd is not None else 0
+
+    def tensors(self):
+        """One patchable slot per distinct backend tensor."""
+        seen = {}
+        for s in self.slots.values():
+            if s.patchable:
+                seen.setdefault(s.start, s)
+        return seen.values()
+
+    def verify_layout(self) -> None:
+        """Every patchable packed blob equals the export's tensor placed through the probed layout, bit for bit."""
+        orders = {}
+        for slot in self.tensors():
+            rows, cols = tensor_shape(slot)
+            order = orders.get((rows, cols))
+            if order is None:
+                order = orders[(rows, cols)] = slot.packing.positions(np.arange(rows * cols))
+            expected = np.zeros(slot.packing.size, np.float32)
+            expected[order] = np.fromfile(slot.file, "<f4", rows * cols, offset=slot.offset)
+            live = self.flat[slot.start: slot.start + slot.packing.size]
+            if not np.array_equal(live.view(np.uint32), expected.view(np.uint32)):
+                raise PackedPathUnavailable(f"{slot.name}: the packed weights ORT saved do not match the layout "
+                                            f"probed on this machine")
+
+    def release_originals(self, logits_of, ids) -> int:
+        """Punch holes over the unpacked copies of the patchable tensors (the session reads only the packed ones);
+        write them back if the logits change. Returns the bytes freed."""
+        before = logits_of(self._session, ids)
+        page = os.sysconf("SC_PAGE_SIZE")
+        freed = sum(punch_hole(self.fd, o, o + n, page) for o, n in self._originals.values())
+        if freed and not np.array_equal(logits_of(self._session, ids), before):
+            for slot in self.tensors():   # the originals are the export's tensors: read them back from there
+                o, n = self._originals[self._tensor_of_start[slot.start]]
+                self.flat[o // 4: (o + n) // 4] = np.fromfile(slot.file, "<f4", n // 4, offset=slot.offset)
+            freed = 0
+        return freed
+
+    def self_test(self, logits_of, ids) -> None:
+        """Patch one packed element: the output must move; restore it: the output must be bit-identical again."""
+        slot = next(iter(self.tensors()))
+        at = slot.start + int(slot.packing.positions(np.array([0]))[0])
+        before = logits_of(self._session, ids)
+        old = self.flat[at].copy()
+        try:
+            self.flat[at] = old + np.float32(1.0) if abs(old) < 1e3 else -old
+            moved = not np.array_equal(logits_of(self._session, ids), before)
+        finally:
+            self.flat[at] = old
+        if not moved:
+            raise PackedPathUnavailable(f"self-test: a patch of {slot.name} in the packed cache did not change the "
+                                        f"output (this ORT build does not compute from the mapped packed weights)")
+        if not np.array_equal(logits_of(self._session, ids), before):
+            raise PackedPathUnavailable(f"self-test: restoring {slot.name} did not give the base output back")
+
+    def close(self) -> None:
+        self._session = None
+        flat, self.flat = getattr(self, "flat", None), None
+        if flat is not None and getattr(flat, "_mmap", None) is not None:
+            del flat
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
