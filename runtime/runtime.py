@@ -1,4 +1,4 @@
-"""`Runtime`: one exported model, SHiRA adapters switched in place, runs and greedy generation.
+"""`Runtime`: one exported model, SHiRA adapters switched in place, runs, generation and text in, text out.
 
 The switch path, top to bottom:
 
@@ -28,7 +28,9 @@ from .fingerprint import base_fingerprint
 from .layout import buffer_positions
 from .patch import BASE_PLAN, Plan, PreparedAdapter, adapter_key, compose, prepare_adapter
 from .rwlock import RWLock
+from .sampling import TokenPicker
 from .scatter import check_plan, scatter_into
+from .tokenizer import TextTokenizer, TokenizerError
 
 PLAN_CACHE = 16      # composed states kept; each costs 16 bytes per touched weight
 
@@ -191,32 +193,121 @@ class Runtime:
         with self._lock.reading():
             return self._backend.step(_ids(input_ids), cache)
 
-    def generate(self, input_ids, max_new_tokens: int = 32, eos_token_id: int | None = None) -> np.ndarray:
-        """Greedy decoding with the KV cache: [batch, prompt + new] token ids (the prompt included, as in HF).
+    def generate(self, input_ids, max_new_tokens: int = 32, eos_token_id="auto", *, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None) -> np.ndarray:
+        """Decoding with the KV cache: [batch, prompt + new] token ids (the prompt included, as in HF).
 
-        The whole generation runs under one read lock, so all its tokens come from one adapter state; a switch
-        waits for it. With eos_token_id, stops once every row has produced it.
+        Greedy by default; temperature > 0 samples (after a top_p cut), repeatably for a given seed. It stops once
+        every row has produced an EOS token: eos_token_id "auto" means the export's (manifest io.eos_token_id, one
+        id or a list), an int or a list gives others, None never stops early. A row that finished is padded with
+        io.pad_token_id (else its EOS), as transformers does. The whole generation runs under one read lock, so all
+        its tokens come from one adapter state; a switch waits for it. A prompt that does not fit the export's
+        positions together with max_new_tokens is refused before anything runs.
         """
         ids = _ids(input_ids)
-        if self._backend.batch_limit == 1 and ids.shape[0] > 1:   # one cache slot: one row at a time
-            rows = [self.generate(row[None], max_new_tokens, eos_token_id) for row in ids]
-            width = max(r.shape[1] for r in rows)   # rows that stopped at EOS are padded with it
-            return np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1])), constant_values=eos_token_id or 0)
-                                   for r in rows])
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        pick = TokenPicker(temperature, top_p, seed)
+        eos = self._eos_ids(eos_token_id)
+        self._check_fits(ids.shape[1], int(max_new_tokens))
+        pad = self.manifest["io"].get("pad_token_id")
+        pad = pad if isinstance(pad, int) else (eos[0] if eos else 0)
+        with self._lock.reading(), self._backend.sequence_lock:
+            if self._backend.batch_limit == 1 and ids.shape[0] > 1:   # one cache slot: one row at a time
+                rows = [self._decode(row[None], max_new_tokens, eos, pad, pick) for row in ids]
+                width = max(r.shape[1] for r in rows)
+                return np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1])), constant_values=pad)
+                                       for r in rows])
+            return self._decode(ids, max_new_tokens, eos, pad, pick)
+
+    def _decode(self, ids, max_new_tokens, eos, pad, pick) -> np.ndarray:
         out = [ids]
         finished = np.zeros(ids.shape[0], bool)
-        with self._lock.reading(), self._backend.sequence_lock:
-            logits, cache = self._backend.step(ids, None)
-            for i in range(max_new_tokens):
-                nxt = logits[:, -1].argmax(-1).astype(np.int64)[:, None]
-                out.append(nxt)
-                if eos_token_id is not None:
-                    finished |= nxt[:, 0] == eos_token_id
-                    if finished.all():
-                        break
-                if i + 1 < max_new_tokens:
-                    logits, cache = self._backend.step(nxt, cache)
+        logits, cache = self._backend.step(ids, None)
+        for i in range(max_new_tokens):
+            nxt = np.where(finished, pad, pick(logits[:, -1]))
+            out.append(nxt[:, None])
+            finished |= np.isin(nxt, eos)
+            if finished.all():
+                break
+            if i + 1 < max_new_tokens:
+                logits, cache = self._backend.step(nxt[:, None], cache)
         return np.concatenate(out, axis=1)
+
+    def _eos_ids(self, eos_token_id) -> list[int]:
+        if isinstance(eos_token_id, str) and eos_token_id == "auto":
+            eos_token_id = self.manifest["io"].get("eos_token_id")
+        if eos_token_id is None:
+            return []
+        ids = [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id)
+        if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in ids):
+            raise ValueError(f"eos_token_id must be 'auto', None, a token id or a list of them, got {eos_token_id!r}")
+        return [int(i) for i in ids]
+
+    def _check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
+        """Refuse, before running anything, a generation that would run past the positions the export has."""
+        io = self.manifest["io"]
+        limit = io.get("cache", {}).get("max_seq_len") or io.get("max_positions")
+        if not isinstance(limit, int):
+            return
+        if self._backend.backend == "executorch":
+            what, fix = f"this ExecuTorch export's static KV cache of {limit} positions", "a larger --max-seq-len"
+        else:
+            what, fix = f"the {limit} positions this ONNX export runs (manifest io.max_positions: the model's " \
+                        f"max positions, or --max-seq-len at export)", "a larger --max-seq-len if the model allows"
+        run = prompt_len + max(max_new_tokens - 1, 0)   # the last new token is never run
+        if prompt_len > limit:
+            raise ValueError(f"the prompt has {prompt_len} tokens, more than {what}; shorten it, or re-export with "
+                             f"{fix}")
+        if run > limit:
+            raise ValueError(f"a prompt of {prompt_len} tokens plus max_new_tokens={max_new_tokens} runs {run} "
+                             f"positions, more than {what}; lower max_new_tokens to {limit - prompt_len + 1} or "
+                             f"re-export with {fix}")
+
+    # ------------------------------------------------------------------ text
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        """The tokenizer the export carries (encode, decode, apply_chat_template); loaded and checked once."""
+        tok = self.__dict__.get("_tokenizer")
+        if tok is None:
+            tok = TextTokenizer.from_export(self.dir, self.manifest)
+            if tok is None:
+                raise TokenizerError(f"{self.dir} carries no tokenizer (manifest.json files.tokenizer is null): "
+                                     f"re-export with `shira-edge export` from a model directory or hub id whose "
+                                     f"tokenizer is available locally, or pass token ids to generate()")
+            self._tokenizer = tok
+        return tok
+
+    def generate_text(self, prompt, max_new_tokens: int = 64, *, chat: bool | None = None,
+                      temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> str:
+        """Text in, text out: the model's continuation of `prompt` (without the prompt itself).
+
+        `prompt` is a str or a list of chat messages ({"role": ..., "content": ...}). chat=None uses the chat
+        template whenever the export has one (messages always need one); chat=False feeds a str as plain text.
+        It stops at the export's EOS ids and the tokenizer's eos_token; sampling as in `generate`.
+        """
+        tok = self.tokenizer
+        if chat is None:
+            chat = not isinstance(prompt, str) or tok.chat_template is not None
+        if chat:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
+        elif isinstance(prompt, str):
+            ids = tok.encode(prompt)
+        else:
+            raise ValueError("chat=False takes a str prompt; a list of messages needs the chat template")
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens; give some text")
+        eos = self._eos_ids("auto")
+        if tok.eos_token_id is not None and tok.eos_token_id not in eos:
+            eos.append(tok.eos_token_id)
+        tokens = self.generate([ids], max_new_tokens, eos, temperature=temperature, top_p=top_p, seed=seed)[0]
+        # Decode prompt + continuation, then drop the prompt's text: decoding the new tokens alone could lose
+        # a leading space (sentencepiece-style decoders strip it from the first token), as transformers' pipeline
+        # does it.
+        prompt_text = tok.decode(ids, skip_special_tokens=True)
+        return tok.decode(tokens.tolist(), skip_special_tokens=True)[len(prompt_text):]
 
     def weight(self, name: str) -> np.ndarray:
         """The live value of a patchable weight, in PyTorch (out, in) layout, as a copy."""
