@@ -4,11 +4,11 @@ Modes, interleaved per figure:
 - base_all / base_extended (ONNX Runtime): a plain prepacked session at ORT_ENABLE_ALL and at the export's own level;
   base (ExecuTorch): the program as shipped. "base best" is whichever base mode has the lower median here.
 - shira_steady: Runtime (policy "auto") with a SHiRA adapter live and `ready`.
-- shira_after_switch: what a call sees right after a switch, before the runtime is `ready`. ONNX Runtime: the
-  direct (prepacking off) session that serves runs until the background rebuild is in, measured on a second Runtime
-  with policy "instant" (which only ever uses that session), so that no sample waits for a rebuild; on a machine
-  with few cores the rebuild's own CPU use comes on top, for about a second per switch. ExecuTorch: the first call
-  after each switch (the switch reloads the method; untimed).
+- shira_after_switch: the first call right after a switch (the switch itself untimed, X and Y alternating). On ONNX
+  Runtime's packed-in-place path and on ExecuTorch that is the same runtime. On ONNX Runtime's rebuild path the
+  first calls are served by the direct (prepacking off) session until the background rebuild is in; that is
+  measured on a second Runtime with policy "instant" (which only ever uses that session), so that no sample waits
+  for a rebuild; on a machine with few cores the rebuild's own CPU use comes on top, for about a second per switch.
 - lora_unfused (ONNX Runtime): LoRA A/B as extra graph inputs on side branches of every adapted MatMul, the way
   ONNX Runtime's multi-LoRA support runs adapters without fusing them.
 """
@@ -40,7 +40,7 @@ def run(export_dir: Path, manifest: dict, r: int, shira: tuple[Path, Path], lora
     rt.switch(x_path)
     rt.wait_ready()
     instant = None
-    if backend == "onnxruntime":
+    if backend == "onnxruntime" and rt.switch_path == "rebuild":
         instant = Runtime(export_dir, threads=threads, policy="instant", scatter_threads=threads)
         instant.switch(x_path)
     state = {"next": y_path}
@@ -68,4 +68,4 @@ def run(export_dir: Path, manifest: dict, r: int, shira: tuple[Path, Path], lora
         rt.close()
         if instant is not None:
             instant.close()
-    return {"backend": backend, "r": r, "figures": figures}
+    return {"backend": backend, "r": r, "switch_path": rt.switch_path, "figures": figures}

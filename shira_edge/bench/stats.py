@@ -22,11 +22,13 @@ from collections.abc import Callable
 
 
 def summarize(samples: list[float]) -> dict:
-    """{"median", "min", "max", "n", "samples"}: every raw sample is kept so bench.json can be re-analysed."""
+    """{"median", "min", "max", "p25", "p75", "n", "samples"}: every raw sample is kept so bench.json can be
+    re-analysed; p25-p75 is the spread quoted beside a median."""
     if not samples:
         raise ValueError("no samples to summarize")
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples),
-            "samples": list(samples)}
+    p25, _, p75 = statistics.quantiles(samples, n=4) if len(samples) > 1 else (samples[0],) * 3
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "p25": p25, "p75": p75,
+            "n": len(samples), "samples": list(samples)}
 
 
 def paired_ratio(numerator: list[float], denominator: list[float]) -> dict:

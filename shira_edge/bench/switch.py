@@ -4,10 +4,11 @@ loading a fully fused model from disk, per backend and per r.
 Each sample switches from one adapter to another (the app case) and is timed until a run produces the new
 adapter's output at full speed. Every round runs each mode once, in this order:
 
-- shira_warm:   Runtime.switch(Y) from X's state, with Y already read and mapped (cached), then `wait_ready`
-                (ONNX Runtime's policy "auto" rebuilds the prepacked session in the background), one decode step.
-                `live` = until switch() returned: from then on every run computes with Y (at unpacked speed on
-                ONNX Runtime until ready; see part c).
+- shira_warm:   Runtime.switch(Y) from X's state, with Y already read and mapped (cached), then `wait_ready`, one
+                decode step. On ONNX Runtime's packed-in-place path the switch writes into the packed weights, so
+                wait_ready returns at once and the decode step is at full speed; on its rebuild path (fallback)
+                wait_ready waits for the background rebuild. `live` = until switch() returned: from then on every
+                run computes with Y.
 - shira_cold:   back to X from Y, from a file the runtime has never seen (a fresh copy of X under a new name each
                 sample; its cache entries are dropped afterwards, untimed, so memory stays flat).
 - lora_fused:   X <-> Y alternately, W += [B_y, -B_x] @ [A_y; A_x] in the runtime backend's own buffers (`fuse`:
@@ -49,6 +50,7 @@ def run(export_dir: Path, manifest: dict, r: int, shira: tuple[Path, Path], lora
     cache = runtime_cache(manifest, "decode")
 
     rt = Runtime(export_dir, threads=threads, policy="auto", scatter_threads=threads)
+    switch_path = rt.switch_path
     lf = LoraFused(export_dir, manifest, threads)
     try:
         plan_x, plan_y = rt.plan(x_path), rt.plan(y_path)     # warm: both read, mapped and composed
@@ -110,7 +112,7 @@ def run(export_dir: Path, manifest: dict, r: int, shira: tuple[Path, Path], lora
         "backend": backend, "r": r, "nnz": int(plan_y.positions.size),
         "density": plan_y.positions.size / sum(w["shape"][0] * w["shape"][1]
                                                for w in manifest["weights"] if w["patchable"]),
-        "touched_bytes": lines * LINE_FLOATS * 4, "policy": "auto" if backend == "onnxruntime" else "auto (reload)",
+        "touched_bytes": lines * LINE_FLOATS * 4, "policy": "auto", "switch_path": switch_path,
         "modes": {k: summarize(v) for k, v in times.items()},
         "ratios": {
             # the weight update into the same buffers: live for SHiRA, fused for LoRA
