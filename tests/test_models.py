@@ -69,11 +69,12 @@ def test_missing_gguf_reader_names_the_package(monkeypatch, tmp_path):
 
 # --- the conversion, on a tiny llama GGUF -----------------------------------------------------------------------
 
-def _tiny_llama():
+def tiny_llama(seed: int = 0):
+    """2 layers, GQA (4 heads of 16, 2 KV heads; ORT's GQA kernel needs head_size % 16 == 0), tied embeddings."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=261, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=261, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1,
                          eos_token_id=2)
@@ -86,6 +87,19 @@ def _byte_level_tokens():
 
     symbols = sorted(ByteLevel.alphabet())
     return ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *symbols, "he", "ll"], ["h e", "l l"]
+
+
+def tiny_tokenizer():
+    """The same byte-level vocabulary as a transformers fast tokenizer (for folders that need tokenizer files)."""
+    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokens, merges = _byte_level_tokens()
+    bpe = tok_models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m.split()) for m in merges])
+    tok = Tokenizer(bpe)
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>")
 
 
 def _permute(w, heads):
@@ -136,7 +150,7 @@ def _write_gguf(path, model):
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf")
-    reference = _tiny_llama()
+    reference = tiny_llama()
     _write_gguf(root / "tiny.gguf", reference)
     out = models.convert_gguf(root / "tiny.gguf", root / "hf", "gguf:test/tiny.gguf")
     return reference, out
