@@ -5,7 +5,8 @@ update differs from SHiRA's switch.
 - ONNX Runtime: an `OnnxBackend(policy="packed", in_place=False)` owns plain (unpacked) buffers; after the fusion
   it rebuilds its prepacked session (`weights_changed` + `after_scatter`): what any runtime that fuses LoRA into
   weights ORT prepacks must do. (SHiRA's packed-in-place switch writes into the packed weights instead.)
-- ExecuTorch: an `ExecuTorchBackend` owns a patchable copy of model.ptd; `after_scatter` reloads the method.
+- ExecuTorch: an `ExecuTorchBackend(in_place=False)` owns a patchable copy of model.ptd; `after_scatter` reloads the
+  method. (SHiRA's packed-in-place switch writes into XNNPACK's packed weights instead.)
 
 Switching from adapter X to Y is done as one rank-2r update per weight, W += [B_y, -B_x] @ [A_y; A_x] (one pass over
 W instead of unfuse-then-fuse): the cheapest LoRA switch there is, so the comparison is fair to LoRA.
@@ -28,7 +29,7 @@ class LoraFused:
             self.backend = OnnxBackend(export_dir, manifest, policy="packed", threads=threads, in_place=False)
         else:
             from ..runtime.executorch_backend import ExecuTorchBackend
-            self.backend = ExecuTorchBackend(export_dir, manifest, threads=threads)
+            self.backend = ExecuTorchBackend(export_dir, manifest, threads=threads, in_place=False)
         self.weights = [w for w in manifest["weights"] if w["patchable"]]
         self._views = {}
         for w in self.weights:

@@ -1,0 +1,168 @@
+"""The native ExecuTorch runner (native/shira_et.cpp) through ctypes: built on first use, cached per user.
+
+The Python bindings cannot pass per-load backend options, and XNNPACK's file-backed weight cache needs two of them
+(`weight_cache_enabled`, `packed_cache_path`); the runner is a small C API over the executorch wheel's own headers
+and libraries that can. It takes tokens and returns logits as numpy buffers, so this path never loads torch.
+
+Build: `g++` compiles native/shira_et.cpp against `executorch/include` and links `executorch/lib` of the installed
+wheel, with an rpath to it. The library is cached under $SHIRA_EDGE_CACHE (default $XDG_CACHE_HOME/shira-edge, else
+~/.cache/shira-edge) in native/, named by a hash of the source, the build command and the executorch version, so a
+changed source or another executorch builds anew. The build holds a file lock and writes a temporary file that is
+renamed into place, so concurrent first uses (pytest workers, two apps) build once and never load a half-written
+library.
+
+    >>> lib = library()                                  # doctest: +SKIP
+    >>> program = NativeProgram(lib, "out/model.pte", "out/model.ptd", cache_path="", vocab=50272)  # doctest: +SKIP
+    >>> program.forward(np.array([2, 100, 7]), start=0).shape                                      # doctest: +SKIP
+    (1, 3, 50272)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import importlib.util
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+
+SOURCE = Path(__file__).resolve().parent.parent / "native" / "shira_et.cpp"
+LIBS = ["executorch", "executorch_backend_xnnpack", "executorch_kernels_optimized", "executorch_threadpool"]
+ERR_LEN = 512
+
+
+class NativeUnavailable(RuntimeError):
+    """The native runner cannot be built or loaded here; the message says why and what to do."""
+
+
+def _executorch_dir() -> Path:
+    spec = importlib.util.find_spec("executorch")   # finds the package without importing it (nor torch)
+    if spec is None or not spec.submodule_search_locations:
+        raise NativeUnavailable("executorch is not installed; install the project (make install)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def build_command(out: Path) -> list[str]:
+    et = _executorch_dir()
+    include, lib = et / "include", et / "lib"
+    return ["g++", "-std=c++17", "-O2", "-fPIC", "-shared", "-Wno-deprecated-declarations",
+            "-DC10_USING_CUSTOM_GENERATED_MACROS",   # the wheel ships c10 headers without their generated macros
+            f"-I{include}", f"-I{include / 'executorch/runtime/core/portable_type/c10'}",
+            str(SOURCE), "-o", str(out), f"-L{lib}", "-Wl,--no-as-needed",   # the backend and kernels register
+            *[f"-l{name}" for name in LIBS], f"-Wl,-rpath,{lib}"]             # themselves when loaded: keep them
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SHIRA_EDGE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") \
+        / "shira-edge"
+    return Path(root) / "native"
+
+
+def library_path() -> Path:
+    """Where the library for this source + executorch + build command lives (built or not)."""
+    from .et_compat import installed_version
+
+    if not SOURCE.is_file():
+        raise NativeUnavailable(f"{SOURCE}: the native runner's source is missing (an install without native/?); "
+                                f"install shira-edge from its source tree")
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest.update(installed_version().encode())
+    digest.update(" ".join(build_command(Path("OUT"))).encode())
+    return cache_dir() / f"libshira_et-{digest.hexdigest()[:16]}.so"
+
+
+def build(path: Path) -> Path:
+    """Build the library at `path` unless it is there; one builder at a time, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():
+            return path
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            done = subprocess.run(build_command(tmp), capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise NativeUnavailable(f"building {SOURCE.name} failed: {exc}; install g++ (apt-get install g++)") \
+                from None
+        if done.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            raise NativeUnavailable(f"building {SOURCE.name} with g++ failed:\n{done.stderr[-2000:]}")
+        os.replace(tmp, path)
+    return path
+
+
+_LIB = None
+_LIB_LOCK = threading.Lock()
+
+
+def library() -> ctypes.CDLL:
+    """The native runner, built if needed and loaded once per process. Raises NativeUnavailable."""
+    global _LIB
+    with _LIB_LOCK:
+        if _LIB is None:
+            path = library_path()
+            if not path.is_file():
+                build(path)
+            try:
+                lib = ctypes.CDLL(str(path))
+            except OSError as exc:
+                raise NativeUnavailable(f"{path}: cannot be loaded ({exc}); delete it to rebuild") from None
+            lib.shira_et_load.restype = ctypes.c_void_p
+            lib.shira_et_load.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                                          ctypes.c_int]
+            lib.shira_et_forward.restype = ctypes.c_int
+            lib.shira_et_forward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                             ctypes.c_void_p, ctypes.c_int64, ctypes.c_char_p, ctypes.c_int]
+            lib.shira_et_free.argtypes = [ctypes.c_void_p]
+            lib.shira_et_set_threads.argtypes = [ctypes.c_int]
+            lib.shira_et_get_default_weight_cache.argtypes = [ctypes.POINTER(ctypes.c_int)]
+            lib.shira_et_quiet_logs()
+            _LIB = lib
+        return _LIB
+
+
+def default_weight_cache(lib) -> bool:
+    """Whether XNNPACK uses its weight cache for loads that do not ask (the Python bindings' loads)."""
+    enabled = ctypes.c_int(0)
+    if lib.shira_et_get_default_weight_cache(ctypes.byref(enabled)) != 0:
+        raise NativeUnavailable("XNNPACK does not report its weight_cache_enabled option")
+    return bool(enabled.value)
+
+
+def set_threads(lib, threads: int | None) -> None:
+    """Resize ExecuTorch's process-wide thread pool (shared with the Python bindings, if loaded)."""
+    if threads:
+        lib.shira_et_set_threads(int(threads))
+
+
+class NativeProgram:
+    """`forward` of one .pte + .ptd, loaded by the native runner; cache_path "" packs on XNNPACK's heap."""
+
+    def __init__(self, lib, pte, ptd, *, cache_path: str, vocab: int):
+        self._lib, self.vocab = lib, int(vocab)
+        err = ctypes.create_string_buffer(ERR_LEN)
+        self._handle = lib.shira_et_load(str(pte).encode(), str(ptd).encode(), cache_path.encode(), err, ERR_LEN)
+        if not self._handle:
+            raise NativeUnavailable(err.value.decode(errors="replace") or f"{pte}: the native runner cannot load it")
+
+    def forward(self, tokens: np.ndarray, start: int) -> np.ndarray:
+        """Logits [1, n, vocab] of tokens [n] (or [1, n]) at positions start.. through the program's static cache."""
+        ids = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
+        out = np.empty((1, ids.size, self.vocab), np.float32)
+        err = ctypes.create_string_buffer(ERR_LEN)
+        if self._lib.shira_et_forward(self._handle, ids.ctypes.data, ids.size, int(start), out.ctypes.data,
+                                      self.vocab, err, ERR_LEN) != 0:
+            raise RuntimeError(err.value.decode(errors="replace"))
+        return out
+
+    def close(self) -> None:
+        handle, self._handle = getattr(self, "_handle", None), None
+        if handle:
+            self._lib.shira_et_free(handle)
+
+    def __del__(self):
+        self.close()
