@@ -129,15 +129,14 @@ def _lower(ep):
 
 def ptd_index(data: bytes) -> dict[str, tuple[int, int, int]]:
     """{named-data key: (absolute byte offset, nbytes, segment index)} of a .ptd (ExecuTorch flat tensor) file."""
-    from executorch.extension.flat_tensor.serialize.serialize import (
-        FlatTensorHeader,
-        _deserialize_to_flat_tensor,
-    )
+    from executorch.extension.flat_tensor.serialize.serialize import FlatTensorHeader
+
+    from shira_edge.runtime.et_compat import deserialize_flat_tensor
 
     header = FlatTensorHeader.from_bytes(data[8:])
     if not header.is_valid():
         raise ExportError(f"{DATA_FILE}: not an ExecuTorch flat tensor file (bad header)")
-    flat = _deserialize_to_flat_tensor(data[: header.flatbuffer_offset + header.flatbuffer_size])
+    flat = deserialize_flat_tensor(data[: header.flatbuffer_offset + header.flatbuffer_size])
     index = {}
     for named in flat.named_data:
         seg = flat.segments[named.segment_index]

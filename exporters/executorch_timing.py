@@ -20,9 +20,9 @@ from pathlib import Path
 
 def measure(export_dir: Path, repeats: int = 5, prompt_len: int = 32, eager: bool = False) -> dict[str, float]:
     import torch
-    from executorch.extension.pybindings import portable_lib
     from executorch.runtime import Runtime
 
+    from shira_edge.runtime import et_compat
     from shira_edge.runtime.manifest import read_manifest
 
     manifest = read_manifest(export_dir)
@@ -43,7 +43,7 @@ def measure(export_dir: Path, repeats: int = 5, prompt_len: int = 32, eager: boo
         return method
 
     def reload_from_buffer():
-        module = portable_lib._load_for_executorch_from_buffer(pte, ptd)   # both must outlive module: they do here
+        module = et_compat.load_from_buffer(pte, ptd)   # both must outlive module: they do here
         module.run_method(method_name, decode_args)
 
     method = reload_from_file()
@@ -68,7 +68,7 @@ def measure(export_dir: Path, repeats: int = 5, prompt_len: int = 32, eager: boo
                 fn()
             times[key].append(time.perf_counter() - start)
     medians = {f"{k}_median_s": round(statistics.median(v), 4) for k, v in times.items()}
-    return medians | {"repeats": repeats, "threads": portable_lib._threadpool_get_thread_count()}
+    return medians | {"repeats": repeats, "threads": et_compat.threadpool_threads()}
 
 
 def _eager_wrapper(manifest):

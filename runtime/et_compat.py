@@ -49,6 +49,13 @@ def reset_threadpool(threads: int) -> None:
     portable_lib._unsafe_reset_threadpool(int(threads))
 
 
+def threadpool_threads() -> int:
+    """Threads in ExecuTorch's process-wide thread pool, as the bindings expose it."""
+    from executorch.extension.pybindings import portable_lib
+
+    return int(portable_lib._threadpool_get_thread_count())
+
+
 def deserialize_flat_tensor(data: bytes):
     """The flatbuffer of a .ptd (ExecuTorch flat tensor) file: `named_data` and `segments`."""
     from executorch.extension.flat_tensor.serialize.serialize import _deserialize_to_flat_tensor

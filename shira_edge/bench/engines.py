@@ -102,6 +102,7 @@ def set_threads(threads: int) -> None:
 
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
-    portable_lib = sys.modules.get("executorch.extension.pybindings.portable_lib")
-    if portable_lib is not None and hasattr(portable_lib, "_unsafe_reset_threadpool"):
-        portable_lib._unsafe_reset_threadpool(threads)
+    if "executorch.extension.pybindings.portable_lib" in sys.modules:
+        from ..runtime.et_compat import reset_threadpool
+
+        reset_threadpool(threads)
