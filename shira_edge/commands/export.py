@@ -3,6 +3,7 @@ manifest.json the runtime trusts.
 
     shira-edge export --model opt-125m --random-init -o out/
     shira-edge export --model tiny-opt --format executorch --adapter adapter.shira -o out-et/
+    shira-edge export --from GENAI_DIR --model smollm2-135m -o out/   # onnxruntime-genai builder output (-p fp32)
 
 OUT_DIR is built in a temp dir beside it and renamed into place only after the parity check passed, so a failed
 export leaves nothing behind. Stages (load, trace, lower, write, verify) print their time on stderr.
@@ -35,16 +36,22 @@ FORMATS = ("onnx", "executorch")
                    "for onnx; never above max_position_embeddings.")
 @click.option("--atol", type=FiniteFloat(minimum=0), default=1e-4, show_default=True,
               help="Parity tolerance: max abs logit difference vs PyTorch (fp32).")
+@click.option("--from", "from_dir", type=click.Path(file_okay=False), default=None,
+              help="Keep the graph of an onnxruntime-genai model builder folder (built with -p fp32) and write a "
+                   "manifest for it, each weight found by content in --model's weights (default --atol 1e-3).")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Output directory (OUT_DIR).")
-def export(model_name, fmt, adapter, targets, random_init, seed, max_seq_len, atol, force, out_dir):
+@click.pass_context
+def export(ctx, model_name, fmt, adapter, targets, random_init, seed, max_seq_len, atol, from_dir, force, out_dir):
     """Export a model to ONNX (default) or ExecuTorch, with a manifest of every adaptable weight."""
     from shira_edge.exporters.common import ExportError, Stages
 
+    if from_dir and ctx.get_parameter_source("atol") is click.core.ParameterSource.DEFAULT:
+        from shira_edge.exporters.from_genai import GENAI_ATOL as atol
     try:
         manifest = run_export(model_name, fmt=fmt, adapter=adapter, targets=_split(targets), random_init=random_init,
                               seed=seed, max_seq_len=max_seq_len, atol=atol, force=force, out_dir=out_dir,
-                              stages=Stages())
+                              stages=Stages(), from_dir=from_dir)
     except ExportError as exc:   # may quote names from an adapter file: escaped for the terminal
         raise click.ClickException(printable(str(exc))) from None
     parity = manifest["export"].get("parity", {})
@@ -54,7 +61,7 @@ def export(model_name, fmt, adapter, targets, random_init, seed, max_seq_len, at
 
 
 def run_export(model_name, *, fmt="onnx", adapter=None, targets=(), random_init=False, seed=0, max_seq_len=None,
-               atol=1e-4, force=False, out_dir, stages) -> dict:
+               atol=1e-4, force=False, out_dir, stages, from_dir=None) -> dict:
     """The whole export; returns the manifest written to out_dir. Raises ExportError with a one-line reason."""
     from shira_edge.exporters.common import ExportError, resolve_targets, restrict_patchable, staged_output_dir
     from shira_edge.exporters.fuse_adapter import check_adapter_path, fuse_adapter
@@ -65,6 +72,9 @@ def run_export(model_name, *, fmt="onnx", adapter=None, targets=(), random_init=
         resolve(model_name)  # an unknown name fails here, before OUT_DIR is touched or torch is imported
     except ModelNotAvailable as exc:
         raise ExportError(f"--model: {exc}") from None
+    if from_dir and (fmt != "onnx" or adapter):
+        raise ExportError("--from keeps an existing ONNX graph as it is: it takes neither --format executorch nor "
+                          "--adapter (switch adapters at run time instead)")
     if adapter:
         check_adapter_path(adapter)
     with staged_output_dir(out_dir, force=force) as tmp:
@@ -79,7 +89,7 @@ def run_export(model_name, *, fmt="onnx", adapter=None, targets=(), random_init=
             chosen = resolve_targets(model, targets) if targets else None
         try:
             manifest = _export_format(fmt, model, info, tmp, stages=stages, max_seq_len=max_seq_len,
-                                      targets=chosen, atol=atol)
+                                      targets=chosen, atol=atol, from_dir=from_dir)
             if chosen:
                 restrict_patchable(manifest["weights"], chosen)
             has_tokenizer = _copy_tokenizer(info.source, tmp / "tokenizer")
@@ -91,8 +101,12 @@ def run_export(model_name, *, fmt="onnx", adapter=None, targets=(), random_init=
     return manifest
 
 
-def _export_format(fmt, model, info, out_dir, *, stages, max_seq_len, targets, atol) -> dict:
+def _export_format(fmt, model, info, out_dir, *, stages, max_seq_len, targets, atol, from_dir=None) -> dict:
     """Thin dispatch: each format's exporter writes its files into out_dir and returns the manifest dict."""
+    if from_dir:
+        from shira_edge.exporters.from_genai import export_from_genai
+
+        return export_from_genai(from_dir, model, info, out_dir, stages=stages, atol=atol)
     if fmt == "onnx":
         from shira_edge.exporters.onnx_export import export_onnx
 
