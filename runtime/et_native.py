@@ -106,7 +106,11 @@ def library() -> ctypes.CDLL:
         if _LIB is None:
             path = library_path()
             if not path.is_file():
-                build(path)
+                try:
+                    build(path)
+                except OSError as exc:   # e.g. an unwritable cache directory
+                    raise NativeUnavailable(f"{path.parent}: cannot build the native runner there ({exc}); set "
+                                            f"SHIRA_EDGE_CACHE to a writable directory") from None
             try:
                 lib = ctypes.CDLL(str(path))
             except OSError as exc:
