@@ -1,5 +1,7 @@
-"""Design measurements for the runtime (docs/runtime.md): steady-state latency of each ONNX policy against the base
-model's best configuration, switch-to-live and switch-to-ready times, ExecuTorch switch cost, resident memory.
+"""Design measurements for the runtime (docs/runtime.md): steady-state latency of ONNX Runtime's packed-in-place path
+and of each policy of its rebuild path (in_place=False) against the base model's best configuration, switch-to-live
+and switch-to-ready times, ExecuTorch switch cost, resident memory (USS: the rebuild path only; the packed-in-place
+path keeps its weights in shared tmpfs pages, which USS does not count: `shira-edge bench` part (d) measures it).
 
     shira-edge export --model opt-125m --random-init -o /tmp/opt125m-onnx
     shira-edge export --model opt-125m --random-init --format executorch -o /tmp/opt125m-et
@@ -65,7 +67,8 @@ def median_ms(samples) -> float:
 
 def onnx_latency(export_dir: Path, manifest: dict, adapter: Path, threads: int, repeats: int) -> dict:
     plain = plain_session(export_dir, threads)
-    rts = {p: Runtime(export_dir, threads=threads, policy=p) for p in ("instant", "auto")}
+    rts = {p: Runtime(export_dir, threads=threads, policy=p, in_place=False) for p in ("instant", "auto")}
+    rts["packed-in-place"] = Runtime(export_dir, threads=threads)
     for rt in rts.values():
         rt.switch(adapter)
         rt.wait_ready()
@@ -97,8 +100,9 @@ def onnx_latency(export_dir: Path, manifest: dict, adapter: Path, threads: int, 
 
 def switch_times(export_dir: Path, adapters: list[Path], threads: int, repeats: int, policies) -> dict:
     out = {}
-    for policy in policies:
-        with Runtime(export_dir, threads=threads, policy=policy) as rt:
+    for policy in ("packed-in-place", *policies):
+        in_place = policy == "packed-in-place"
+        with Runtime(export_dir, threads=threads, policy="auto" if in_place else policy, in_place=in_place) as rt:
             rt.wait_ready()
             t = time.perf_counter()
             rt.switch(adapters[0])
@@ -126,7 +130,7 @@ def scatter_floor(export_dir: Path, adapter: Path, repeats: int) -> dict:
     """One plan's write alone vs the memory-bandwidth floor of the cache lines it touches."""
     from shira_edge.runtime.scatter import scatter_into
 
-    with Runtime(export_dir, policy="instant") as rt:
+    with Runtime(export_dir, policy="instant", in_place=False) as rt:
         plan, flat = rt.plan(adapter), rt._backend.flat
         lines = np.unique(plan.positions // 16).size
         big = np.empty(64 << 20, np.uint8)
@@ -216,7 +220,7 @@ if kind == "plain":
           "position_ids": np.arange(4)[None], **{i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
           for i in s.get_inputs()[3:]}})
 else:
-    rt = Runtime(d, policy=kind)
+    rt = Runtime(d, policy=kind, in_place=False)
     for i in range(4):   # two adapters, switched back and forth: steady state, plans cached
         rt.switch(adapters[i % 2]); rt.wait_ready(); rt.run([[2, 3, 4, 5]])
 r1, u1 = mem()

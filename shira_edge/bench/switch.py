@@ -15,6 +15,8 @@ adapter's output at full speed. Every round runs each mode once, in this order:
                 the weight update, all a LoRA runtime without prepacking would wait for), then the backend
                 rebuilds its prepacked session / reloads its method, and one decode step.
 - naive_reload: load the fully fused Y model from disk as a new session / program, and one decode step.
+- full_speed:   (shira_warm, lora_fused) until the runtime computes with the new weights at full speed, before the
+                decode step both then run: for SHiRA packed-in-place that is when switch() returns.
 - floor_copy:   a plain memory copy of as many bytes as the switch touches (every 64-byte cache line that holds a
                 position of X or Y): the memory-bandwidth floor of any in-place switch.
 """
@@ -70,8 +72,9 @@ def run(export_dir: Path, manifest: dict, r: int, shira: tuple[Path, Path], lora
             t1 = time.perf_counter()
             scatter = rt.last_switch.get("scatter_s", float("nan"))
             rt.wait_ready()
+            t2 = time.perf_counter()
             rt.step(decode_ids, cache)
-            return {"live": t1 - t0, "scatter": scatter, "ready": time.perf_counter() - t0}
+            return {"live": t1 - t0, "scatter": scatter, "full_speed": t2 - t0, "ready": time.perf_counter() - t0}
 
 
         def cold_setup():
@@ -91,8 +94,9 @@ def run(export_dir: Path, manifest: dict, r: int, shira: tuple[Path, Path], lora
             LoraFused.fuse(plan)
             t1 = time.perf_counter()
             lf.rebuild()
+            t2 = time.perf_counter()
             lf.step(decode_ids, cache)
-            return {"fuse": t1 - t0}
+            return {"fuse": t1 - t0, "full_speed": t2 - t0}
 
         def naive_reload():
             state["naive"] = None   # an app drops the old model, then loads the next one
@@ -118,6 +122,9 @@ def run(export_dir: Path, manifest: dict, r: int, shira: tuple[Path, Path], lora
             # the weight update into the same buffers: live for SHiRA, fused for LoRA
             "lora_fuse_over_shira_live": paired_ratio(times["lora_fused.fuse"], warm_live),
             "lora_ready_over_shira_ready": paired_ratio(times["lora_fused"], warm_ready),
+            # until the runtime computes the new weights at full speed, without the first call both then make
+            "lora_full_speed_over_shira_full_speed": paired_ratio(times["lora_fused.full_speed"],
+                                                                  times["shira_warm.full_speed"]),
             "naive_ready_over_shira_ready": paired_ratio(times["naive_reload"], warm_ready),
             "lora_ready_over_shira_live": paired_ratio(times["lora_fused"], warm_live),
             "naive_ready_over_shira_live": paired_ratio(times["naive_reload"], warm_live),
