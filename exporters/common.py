@@ -190,18 +190,3 @@ def restrict_patchable(weights: list[dict], targets: list[str]) -> None:
     for entry in weights:
         if entry["patchable"] and entry["name"] not in chosen:
             entry["patchable"], entry["note"] = False, "not in --targets at export"
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "added_tokens.json", "tokenizer.model", "sentencepiece.bpe.model")
-
-
-def copy_tokenizer(source: str, dest: Path) -> bool:
-    """Copy the tokenizer files of a local model dir into `dest`; False (nothing copied) when it has none."""
-    found = [Path(source) / f for f in TOKENIZER_FILES if (Path(source) / f).is_file()]
-    if not found:
-        return False
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in found:
-        shutil.copy2(f, dest / f.name)
-    return True

@@ -65,6 +65,7 @@ def run_export(model_name, *, fmt="onnx", adapter=None, targets=(), random_init=
     """The whole export; returns the manifest written to out_dir. Raises ExportError with a one-line reason."""
     from shira_edge.exporters.common import ExportError, resolve_targets, restrict_patchable, staged_output_dir
     from shira_edge.exporters.fuse_adapter import check_adapter_path, fuse_adapter
+    from shira_edge.exporters.tokenizer_files import export_tokenizer
     from shira_edge.runtime.manifest import write_manifest
     from shira_edge.models import ModelNotAvailable, load_model, resolve
 
@@ -92,8 +93,7 @@ def run_export(model_name, *, fmt="onnx", adapter=None, targets=(), random_init=
                                       targets=chosen, atol=atol, from_dir=from_dir)
             if chosen:
                 restrict_patchable(manifest["weights"], chosen)
-            has_tokenizer = _copy_tokenizer(info.source, tmp / "tokenizer")
-            manifest.setdefault("files", {})["tokenizer"] = "tokenizer" if has_tokenizer else None
+            manifest.setdefault("files", {}).update(export_tokenizer(info.source, tmp, model.config.vocab_size))
             manifest["export"].update({"adapter": fused, "stage_seconds": dict(stages.seconds)})
             write_manifest(tmp, manifest)
         except OSError as exc:  # disk full, permissions changed under us, ...
@@ -115,20 +115,6 @@ def _export_format(fmt, model, info, out_dir, *, stages, max_seq_len, targets, a
 
     return export_executorch(model, info, out_dir, stages=stages, max_seq_len=max_seq_len, targets=targets,
                              atol=atol)
-
-
-def _copy_tokenizer(source: str, dest: Path) -> bool:
-    from shira_edge.exporters.common import copy_tokenizer
-
-    if Path(source).is_dir():
-        return copy_tokenizer(source, dest)
-    try:  # a hub id: only what the local cache already holds (offline)
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(source, local_files_only=True).save_pretrained(dest)
-        return True
-    except Exception:  # noqa: BLE001 - no tokenizer in the cache is normal for --random-init
-        return False
 
 
 def _split(targets: str | None) -> list[str]:
