@@ -67,6 +67,8 @@ class OnnxBackend:
         cache = manifest["io"]["cache"]
         self.past_names, self.present_names = list(cache["past"]), list(cache["present"])
         self.heads, self.head_dim = int(cache["num_heads"]), int(cache["head_dim"])
+        # onnxruntime-genai builder graphs (`export --from`) derive positions from attention_mask themselves
+        self.takes_positions = "position_ids" in manifest["io"].get("inputs", ["position_ids"])
         self.eos_token_id = manifest["io"].get("eos_token_id")
         self.fallback_reason = None if in_place else "in_place=False was asked for"
         self._impl = None
@@ -140,6 +142,8 @@ class OnnxBackend:
         feeds = {"input_ids": input_ids, "attention_mask": mask,
                  "position_ids": np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq))}
         feeds.update(zip(self.past_names, cache["past"]))
+        if not self.takes_positions:
+            del feeds["position_ids"]
         logits, *present = session.run(["logits", *self.present_names], feeds)
         return logits, {"past": present, "mask": mask}
 

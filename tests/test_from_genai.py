@@ -84,3 +84,53 @@ def test_a_different_model_is_refused_by_name(genai_folder, tmp_path):
 def test_a_folder_without_genai_config_says_what_it_needs(tmp_path):
     with pytest.raises(ExportError, match="no genai_config.json.*onnxruntime_genai.models.builder"):
         export_from_genai(tmp_path, None, None, tmp_path / "out", stages=Stages(quiet=True))
+
+
+@pytest.fixture(scope="module")
+def genai_export(genai_folder, tmp_path_factory):
+    """The tiny builder folder with its manifest, as `export --from` writes it."""
+    from shira_edge.models import ModelInfo
+    from shira_edge.runtime.manifest import write_manifest
+
+    root, model = genai_folder
+    out = tmp_path_factory.mktemp("from-genai")
+    info = ModelInfo("tiny-llama", str(root / "hf"), "LlamaForCausalLM", "random-init", 0)
+    write_manifest(out, export_from_genai(root / "built", model, info, out, stages=Stages(quiet=True), atol=1e-3))
+    return out, model
+
+
+def test_runtime_runs_the_builder_graph_like_pytorch(genai_export):
+    import torch
+
+    from shira_edge.runtime import Runtime
+
+    out, model = genai_export
+    ids = np.array([[5, 9, 17, 33, 65, 129]])
+    with torch.no_grad():
+        want = model(torch.from_numpy(ids)).logits.numpy()
+    with Runtime(out) as rt:
+        prefill, cache = rt.step(ids[:, :4])
+        decode, _ = rt.step(ids[:, 4:], cache)
+    assert np.abs(np.concatenate([prefill, decode], axis=1) - want).max() < 1e-3
+
+
+def test_switch_patches_fused_qkv_slices_and_restores_bit_for_bit(genai_export, tmp_path):
+    from shira_edge.bench.adapters import write_random_shira
+    from shira_edge.runtime import Runtime
+    from shira_edge.runtime.manifest import read_manifest
+
+    out, model = genai_export
+    weights = [w for w in read_manifest(out)["weights"] if w["patchable"]]
+    adapter = write_random_shira(tmp_path / "a.shira", weights, r=2, seed=0)
+    names = [f"model.layers.1.self_attn.{p}_proj.weight" for p in "qkv"]
+    with Runtime(out) as rt:
+        base = {n: rt.weight(n) for n in names}
+        rt.switch(adapter)
+        rt.wait_ready()
+        changed = {n: rt.weight(n) != base[n] for n in names}
+        rt.switch(None)
+        rt.wait_ready()
+        restored = all(np.array_equal(rt.weight(n), base[n]) for n in names)
+    assert all(c.any() for c in changed.values())     # every slice of the fused tensor got its own entries
+    assert all(c.sum() <= 2 * sum(model.get_parameter(n).shape) for n, c in changed.items())   # and only those
+    assert restored
