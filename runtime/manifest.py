@@ -174,8 +174,8 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _short(x: Any, limit: int = 60) -> str:
-    text = printable(repr(x))
+def _short(x: Any, limit: int = 120) -> str:
+    text = repr(x)   # repr escapes every non-printable character, as printable() does
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -212,18 +212,18 @@ def validate(manifest: Any, where: str = MANIFEST_NAME, export_dir: str | Path |
                     f"a list of 1..{MAX_WEIGHTS} weight entries")
     for i, w in enumerate(weights):
         _check_weight(c, i, w)
-    _check_unique_and_disjoint(c, weights)
-    expected = base_fingerprint({w["name"]: (w["shape"], w["digest"]) for w in weights})
-    if fingerprint != expected:
-        c.fail("fingerprint", f"{fingerprint} does not match the weights' shapes and digests ({expected}); the "
-                              f"manifest was edited or corrupted, re-export it")
     io = c.get(manifest, "io", "io", lambda v: isinstance(v, dict), "an object")
     _check_io(c, backend, io)
     files = c.get(manifest, "files", "files", lambda v: isinstance(v, dict), "an object", default={})
     _check_files(c, backend, files)
     c.get(manifest, "export", "export", lambda v: isinstance(v, dict), "an object", default={})
-    if export_dir is not None:
+    if export_dir is not None:   # first: a weight beyond its file is reported as that, not as an overlap
         _check_on_disk(c, backend, weights, files, Path(export_dir))
+    _check_unique_and_disjoint(c, weights)
+    expected = base_fingerprint({w["name"]: (w["shape"], w["digest"]) for w in weights})
+    if fingerprint != expected:
+        c.fail("fingerprint", f"{fingerprint} does not match the weights' shapes and digests ({expected}); the "
+                              f"manifest was edited or corrupted, re-export it")
 
 
 def _check_weight(c: _Checker, i: int, w: Any) -> None:

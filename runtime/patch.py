@@ -23,14 +23,19 @@ values back, write the new plan's values.
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
+import time
 import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from .fingerprint import weight_digest
 from .layout import buffer_positions, file_elements, tensor_shape
-from .shira_format import decode_values, read_shira
+from .shira_format import MAX_ADAPTER_BYTES, ShiraFormatError, decode_values, read_shira, read_shira_bytes
+from .untrusted import open_regular, printable, read_regular
 
 
 class AdapterMismatch(ValueError):
@@ -95,12 +100,100 @@ def buffer_order(slot: Slot, sorted_indices: np.ndarray) -> np.ndarray | None:
 
 
 
+class BaseChanged(RuntimeError):
+    """The export's data file was modified in place (or truncated) since the runtime loaded it."""
+
+
+class _PinnedFile:
+    """One data file, opened when the runtime loaded the export and read with pread for as long as it runs: a file
+    replaced by rename (a re-export with --force, an update) no longer matters to it."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.fd = open_regular(self.path, "export data file")
+
+    def identity(self) -> tuple:
+        st = os.fstat(self.fd)   # ctime moves on every write and cannot be set back, unlike mtime
+        return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+    def pread(self, offset: int, nbytes: int) -> bytes:
+        data = os.pread(self.fd, nbytes, offset)
+        if len(data) != nbytes:
+            raise BaseChanged(f"{printable(self.path)}: truncated since the runtime loaded it (bytes "
+                              f"{offset}..{offset + nbytes} are gone); load the export again")
+        return data
+
+    def __del__(self):
+        fd, self.fd = getattr(self, "fd", None), None
+        if fd is not None:
+            os.close(fd)
+
+
+@dataclass
+class _Pin:
+    file: _PinnedFile
+    identity: tuple | None   # the file's identity when its bytes were last known to be the slot's; None: unknown
+
+
+_PINS: "weakref.WeakKeyDictionary[Slot, _Pin]" = weakref.WeakKeyDictionary()
+_PINS_LOCK = threading.Lock()
+
+
+def pin_base(slots) -> None:
+    """Open the data files of `slots` now (at load), so that read_base reads the bytes that were loaded.
+
+    Backends (or the Runtime) call this once, right after reading their buffers; a slot never pinned is pinned
+    on its first read_base, which then checks its bytes against the manifest digest first."""
+    files: dict[Path, _PinnedFile] = {}
+    for slot in slots:
+        if slot.file is None:
+            continue
+        pinned = files.get(slot.file) or files.setdefault(slot.file, _PinnedFile(slot.file))
+        with _PINS_LOCK:
+            _PINS[slot] = _Pin(pinned, pinned.identity())
+
+
 def read_base(slot: Slot, positions: np.ndarray) -> np.ndarray:
-    """Base values at buffer positions of one slot, from the export's file (never from the live, patched buffer)."""
-    # A plain read, not a kept memmap: a mapping would keep the pages it touched (at 1% random density, nearly
-    # all of them) resident in this process long after the plan is built.
-    weights = np.fromfile(slot.file, "<f4", slot.out * slot.inp, offset=slot.offset)
-    return weights[positions - slot.start].astype(np.float32)
+    """Base values at buffer positions of one slot, from the export's file (never from the live, patched buffer).
+
+    The values are those the runtime loaded: the file is read through the descriptor pin_base opened at load, and
+    if that file was modified in place since, this slot's bytes are checked against its manifest digest (equal:
+    read on; different or truncated: BaseChanged, never other values). Stable API: (Slot, int64 positions) ->
+    float32, positions counted from slot.start in the slot's stored layout."""
+    with _PINS_LOCK:
+        pin = _PINS.get(slot)
+    if pin is None:
+        pin = _Pin(_PinnedFile(slot.file), None)
+        with _PINS_LOCK:
+            pin = _PINS.setdefault(slot, pin)
+    now = pin.file.identity()
+    if now != pin.identity:
+        _verify(slot, pin.file)
+        pin.identity = now
+    # A plain read of the span touched, not a kept memmap: a mapping would keep the pages it touched (at 1% random
+    # density, nearly all of them) resident in this process long after the plan is built.
+    at = np.asarray(positions, dtype=np.int64) - slot.start
+    if at.size == 0:
+        return np.zeros(0, np.float32)
+    lo, hi = int(at.min()), int(at.max()) + 1
+    rows, cols = tensor_shape(slot)
+    if lo < 0 or hi > rows * cols:
+        raise IndexError(f"{slot.name}: positions {lo + slot.start}..{hi + slot.start} are outside its tensor")
+    span = np.frombuffer(pin.file.pread(slot.offset + 4 * lo, 4 * (hi - lo)), "<f4")
+    return span[at - lo].astype(np.float32)
+
+
+def _verify(slot: Slot, file: _PinnedFile) -> None:
+    if not slot.digest:   # a hand-made slot (tests, tools) has no digest to check against
+        return
+    rows, cols = tensor_shape(slot)
+    stored = np.frombuffer(file.pread(slot.offset, 4 * rows * cols), "<f4").reshape(rows, cols)
+    perm = getattr(slot, "row_perm", None)
+    outputs = getattr(slot, "out_offset", 0) + (np.arange(slot.out) if perm is None else np.asarray(perm))
+    weight = stored[outputs] if slot.layout == "as_is" else stored[:, outputs].T   # PyTorch (out, in), as digested
+    if weight_digest(weight) != slot.digest:
+        raise BaseChanged(f"{printable(file.path)}: {slot.name} no longer holds the weights this runtime loaded "
+                          f"(the file was rewritten since); load the export again")
 
 
 @dataclass(frozen=True)
@@ -149,16 +242,45 @@ class Plan:
 BASE_PLAN = Plan((), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32))
 
 
-def adapter_key(source) -> str:
-    """Cache key of an adapter source: path + size + mtime for files, content hash for bytes."""
+_KEY_MEMO: dict[str, tuple[tuple, str]] = {}   # path -> (stat identity, content key), for unchanged files
+RACY_S = 2.0   # a file changed this recently may change again within one timestamp tick: hash it every time
+
+
+def adapter_key(source, content: bytes | None = None) -> str:
+    """Cache key of an adapter source: its content (SHA-256), for files and bytes alike.
+
+    For a file, the hash is memoised per (device, inode, size, mtime, ctime), so a cache hit costs one stat; ctime
+    moves on every write and cannot be set back, so even an in-place rewrite that restores the mtime is seen. Like
+    git's "racily clean" rule, a file changed within RACY_S of hashing is hashed again next time. `content`: the
+    file's bytes, already read (prepare_adapter hashes exactly the bytes it parses)."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         return "bytes:" + hashlib.sha256(source).hexdigest()
     path = Path(source).expanduser().resolve()
     try:
         st = path.stat()
     except OSError as exc:
-        raise FileNotFoundError(f"adapter {source}: {exc.strerror}; pass the path of a .shira file") from None
-    return f"file:{path}:{st.st_size}:{st.st_mtime_ns}"
+        raise FileNotFoundError(f"adapter {printable(source)}: {exc.strerror}; pass the path of a .shira file") \
+            from None
+    ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    memo = _KEY_MEMO.get(str(path))
+    if content is None and memo is not None and memo[0] == ident:
+        return memo[1]
+    if content is None:
+        content = _read_adapter(path)
+    key = f"file:{path}:{hashlib.sha256(content).hexdigest()}"
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > RACY_S * 1e9:
+        _KEY_MEMO[str(path)] = (ident, key)
+    else:
+        _KEY_MEMO.pop(str(path), None)
+    return key
+
+
+def _read_adapter(path: Path) -> bytes:
+    try:
+        return read_regular(path, "adapter", limit=MAX_ADAPTER_BYTES)
+    except (OSError, ValueError) as exc:
+        raise ShiraFormatError(f"{printable(path)}: cannot read: {printable(getattr(exc, 'strerror', None) or exc)}") \
+            from None
 
 
 def adapter_name(source, adapter) -> str:
@@ -173,10 +295,13 @@ def prepare_adapter(source, slots: dict[str, Slot], fingerprint_of) -> PreparedA
 
     `fingerprint_of(names)` returns the export's fingerprint over those weights (from the manifest).
     """
-    key = adapter_key(source)
-    adapter = read_shira(bytes(source) if isinstance(source, (bytearray, memoryview)) else source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        key, adapter = adapter_key(source), read_shira(bytes(source))
+    else:   # one read: the key is the hash of exactly the bytes parsed, even if the file changes meanwhile
+        content = _read_adapter(Path(source).expanduser())
+        key, adapter = adapter_key(source, content), read_shira_bytes(content, printable(source))
     name = adapter_name(source, adapter)
-    where = f"adapter {name!r} ({'bytes' if key.startswith('bytes:') else source})"
+    where = f"adapter {name!r} ({'bytes' if key.startswith('bytes:') else printable(source)})"
 
     for tname, t in adapter.targets.items():
         slot = slots.get(tname)

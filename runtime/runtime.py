@@ -3,7 +3,7 @@
 The switch path, top to bottom:
 
 1. `prepare(source)` reads the `.shira`, validates it against manifest.json and maps its indices into the backend's
-   flat weight buffer (patch.prepare_adapter). Cached per file (path, size, mtime) or per content (bytes).
+   flat weight buffer (patch.prepare_adapter). Cached per content (patch.adapter_key: SHA-256 of the bytes).
 2. `plan(...)` composes the adapters at their scales into final float32 values plus the base values to restore
    (patch.compose). Cached per combination.
 3. `switch(...)` does 1 and 2 first, so nothing is touched until the new state is known to be valid; then, under
@@ -26,7 +26,7 @@ import numpy as np
 
 from .fingerprint import base_fingerprint
 from .layout import buffer_positions
-from .patch import BASE_PLAN, Plan, PreparedAdapter, adapter_key, compose, prepare_adapter
+from .patch import BASE_PLAN, Plan, PreparedAdapter, adapter_key, compose, file_view, pin_base, prepare_adapter
 from .rwlock import RWLock
 from .sampling import TokenPicker
 from .scatter import check_plan, scatter_into
@@ -61,6 +61,8 @@ class Runtime:
             self._backend = ExecuTorchBackend(self.dir, self.manifest, policy=policy, threads=threads,
                                               **({} if in_place else {"in_place": False}))
         self.policy = policy
+        self._vocab = self.manifest["io"].get("vocab_size")   # validated by read_manifest
+        pin_base(file_view(s) for s in self._backend.slots.values())   # base values as loaded (patch.read_base)
         self.scatter_threads = scatter_threads or threads or 1
         self._digests = {w["name"]: (w["shape"], w["digest"]) for w in self.manifest["weights"]}
         self._lock = RWLock()
@@ -84,8 +86,8 @@ class Runtime:
             hit = self._adapters.get(key)
         if hit is None:
             hit = prepare_adapter(source, self._backend.slots, self._fingerprint_of)
-            with self._cache_lock:
-                self._adapters[key] = hit
+            with self._cache_lock:   # under the key of the bytes it was made from (the file may have changed since)
+                self._adapters[hit.key] = hit
         return hit
 
     def plan(self, adapters, scales=None) -> Plan:
@@ -184,14 +186,14 @@ class Runtime:
 
     def run(self, input_ids) -> np.ndarray:
         """Logits [batch, seq, vocab] of a full forward over `input_ids` [batch, seq] (or [seq])."""
-        ids = _ids(input_ids)
+        ids = _ids(input_ids, self._vocab)
         with self._lock.reading():
             return self._backend.forward(ids)
 
     def step(self, input_ids, cache=None):
         """One KV-cache step: (logits [batch, seq, vocab], cache). Pass the returned cache to the next step."""
         with self._lock.reading():
-            return self._backend.step(_ids(input_ids), cache)
+            return self._backend.step(_ids(input_ids, self._vocab), cache)
 
     def generate(self, input_ids, max_new_tokens: int = 32, eos_token_id="auto", *, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None) -> np.ndarray:
@@ -204,7 +206,7 @@ class Runtime:
         its tokens come from one adapter state; a switch waits for it. A prompt that does not fit the export's
         positions together with max_new_tokens is refused before anything runs.
         """
-        ids = _ids(input_ids)
+        ids = _ids(input_ids, self._vocab)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         pick = TokenPicker(temperature, top_p, seed)
@@ -340,10 +342,14 @@ class Runtime:
                 f"policy={self.policy!r}, active={self.active})")
 
 
-def _ids(input_ids) -> np.ndarray:
+def _ids(input_ids, vocab_size: int | None = None) -> np.ndarray:
     ids = np.asarray(input_ids)
     if ids.ndim == 1:
         ids = ids[None]
     if ids.ndim != 2 or ids.dtype.kind not in "iu" or ids.shape[1] == 0:
         raise ValueError(f"input_ids must be integer token ids [batch, seq] with seq >= 1, got {ids.dtype}{ids.shape}")
+    # ONNX Runtime's Gather silently wraps negative ids, and neither backend promises anything for the others.
+    if vocab_size is not None and ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = ids.min() if ids.min() < 0 else ids.max()
+        raise ValueError(f"input_ids: token id {int(bad)} is outside this model's vocabulary 0..{vocab_size - 1}")
     return ids.astype(np.int64, copy=False)

@@ -97,8 +97,8 @@ def read_peft_config(adapter_dir: str | Path) -> dict:
     peft_type = config.get("peft_type") if isinstance(config, dict) else None
     if peft_type != "SHIRA":
         hint = " (a LoRA adapter? train with --method shira, or use LoRA fusion)" if peft_type == "LORA" else ""
-        raise PeftAdapterError(f"{printable(path)}: peft_type is {printable(repr(peft_type))}{hint}; pack needs a SHiRA adapter "
-                               f"(peft_type \"SHIRA\")")
+        raise PeftAdapterError(f"{printable(path)}: peft_type is {peft_type!r}{hint}; pack needs a SHiRA "
+                               f"adapter (peft_type \"SHIRA\")")
     return config
 
 
@@ -160,15 +160,15 @@ def read_safetensors(file: Path) -> dict[str, np.ndarray]:
         at = f"{where}: key {printable(key)}:"
         if not isinstance(info, dict) or info.get("dtype") not in SAFETENSORS_DTYPES:
             dtype = info.get("dtype") if isinstance(info, dict) else None
-            raise PeftAdapterError(f"{at} dtype {printable(repr(dtype))} is not one of "
+            raise PeftAdapterError(f"{at} dtype {dtype!r} is not one of "
                                    f"{', '.join(SAFETENSORS_DTYPES)}")
         shape, offsets = info.get("shape"), info.get("data_offsets")
         ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0   # noqa: E731
         if not (isinstance(shape, list) and all(ok(d) for d in shape)):
-            raise PeftAdapterError(f"{at} shape {printable(repr(shape))} is not a list of sizes")
+            raise PeftAdapterError(f"{at} shape {shape!r} is not a list of sizes")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(ok(o) for o in offsets)
                 and offsets[0] <= offsets[1] <= len(data)):
-            raise PeftAdapterError(f"{at} data_offsets {printable(repr(offsets))} are not inside the "
+            raise PeftAdapterError(f"{at} data_offsets {offsets!r} are not inside the "
                                    f"{len(data)}-byte data section")
         dtype = np.dtype(SAFETENSORS_DTYPES[info["dtype"]])
         count = int(np.prod(shape, dtype=object)) if shape else 1

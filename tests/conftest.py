@@ -64,3 +64,22 @@ def make_tiny(family: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     config = getattr(transformers, config_cls)(**{**TINY_LLAMA, **extra, **overrides})
     return getattr(transformers, model_cls)(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_exports(tmp_path_factory):
+    """backend -> export dir of the tiny OPT (seed 0), written once per session by the real exporters."""
+    from shira_edge.exporters.common import Stages
+    from shira_edge.exporters.executorch_export import export_executorch
+    from shira_edge.exporters.onnx_export import export_onnx
+    from shira_edge.models import ModelInfo
+    from shira_edge.runtime.manifest import write_manifest
+
+    info = ModelInfo("tiny-opt", "tests/conftest.py", "OPTForCausalLM", "random-init", 0)
+    dirs = {}
+    for backend, export in (("onnx", export_onnx), ("executorch", export_executorch)):
+        out = tmp_path_factory.mktemp(f"runtime-{backend}")
+        kwargs = {"max_seq_len": 32} if backend == "executorch" else {}
+        write_manifest(out, export(make_tiny_opt(seed=0), info, out, stages=Stages(quiet=True), **kwargs))
+        dirs[backend] = out
+    return dirs

@@ -43,22 +43,9 @@ def adapters(tiny_opt_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def exports(tmp_path_factory):
-    """backend -> export dir of the tiny OPT (seed 0), written by the real exporters."""
-    from shira_edge.exporters.common import Stages
-    from shira_edge.exporters.executorch_export import export_executorch
-    from shira_edge.runtime.manifest import write_manifest
-    from shira_edge.exporters.onnx_export import export_onnx
-    from shira_edge.models import ModelInfo
-
-    info = ModelInfo("tiny-opt", "tests/conftest.py", "OPTForCausalLM", "random-init", 0)
-    dirs = {}
-    for backend, export in (("onnx", export_onnx), ("executorch", export_executorch)):
-        out = tmp_path_factory.mktemp(f"runtime-{backend}")
-        kwargs = {"max_seq_len": 32} if backend == "executorch" else {}
-        write_manifest(out, export(make_tiny_opt(seed=0), info, out, stages=Stages(quiet=True), **kwargs))
-        dirs[backend] = out
-    return dirs
+def exports(tiny_exports):
+    """backend -> export dir of the tiny OPT (seed 0): the session's shared exports (tests/conftest.py)."""
+    return tiny_exports
 
 
 @pytest.fixture(scope="session")
