@@ -17,6 +17,7 @@ COMMANDS = {
     "pack": "shira_edge.commands.pack:pack",
     "inspect": "shira_edge.commands.inspect:inspect_cmd",
     "export": "shira_edge.commands.export:export",
+    "generate": "shira_edge.commands.generate:generate",
     "bench": "shira_edge.commands.bench:bench",
 }
 
@@ -25,6 +26,7 @@ SHORT_HELP = {
     "pack": "Pack a PEFT SHiRA adapter dir into a compact .shira file.",
     "inspect": "Show what a .shira file holds (header, targets, density, bytes).",
     "export": "Export a base model to ONNX or ExecuTorch with a weight manifest.",
+    "generate": "Generate text from an export, with adapters switched in (fused if several).",
     "bench": "CPU latency benchmark: SHiRA switching vs LoRA fusion.",
 }
 
@@ -63,6 +65,7 @@ def main(ctx: click.Context) -> None:
       shira-edge train  --model tiny-opt --data notes.txt -o adapter/
       shira-edge pack   adapter/ -o adapter.shira
       shira-edge export --model opt-125m --random-init -o out/
+      shira-edge generate out/ --adapter adapter.shira "The capital of France is"
       python -c 'from shira_edge.runtime import Runtime; Runtime("out/").switch("adapter.shira")'
       shira-edge bench  --model opt-125m --random-init --quick -o bench/
     """
