@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
+
+from .manifest import confined
+from .untrusted import printable, read_regular
 
 MAX_TOKENIZER_BYTES = 256 << 20   # Gemma's tokenizer.json, the largest common one, is ~33 MB
 MAX_TEXT_BYTES = 1 << 20          # tokenizer_config.json and the chat template are a few kB
@@ -39,25 +42,26 @@ class TextTokenizer:
         from tokenizers import Tokenizer
 
         self.path = Path(tokenizer_file)
+        where = printable(self.path)
         text = _read_text(self.path, MAX_TOKENIZER_BYTES)
         try:
             self._tok = Tokenizer.from_str(text)
             model_type = json.loads(text)["model"]["type"]
         except Exception as exc:  # noqa: BLE001 - the Rust parser raises plain Exception
-            raise TokenizerError(f"{self.path}: not a tokenizer.json the tokenizers library can read "
-                                 f"({_first_line(exc)}); {REEXPORT}") from None
+            raise TokenizerError(f"{where}: not a tokenizer.json the tokenizers library can read "
+                                 f"({printable(_first_line(exc))}); {REEXPORT}") from None
         highest = max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1)
         if vocab_size is not None and highest >= vocab_size:
-            raise TokenizerError(f"{self.path}: has token id {highest}, but the model's vocabulary is {vocab_size}; "
-                                 f"the tokenizer belongs to another model, {REEXPORT}")
+            raise TokenizerError(f"{where}: has token id {highest}, but the model's vocabulary is {vocab_size}: "
+                                 f"the tokenizer belongs to another model; {REEXPORT}")
         config = _read_config(Path(config_file)) if config_file else {}
         self.special_tokens = {}   # name -> string, as transformers' special_tokens_map (what templates see)
         for name in SPECIAL_TOKENS:
-            token = _token_string(config.get(name), f"{config_file}: {name}")
+            token = _token_string(config.get(name), f"{printable(config_file)}: {name}")
             if token is not None:
                 if self._tok.token_to_id(token) is None:
-                    raise TokenizerError(f"{config_file}: {name} {token!r} is not a token of {self.path.name}; "
-                                         f"{REEXPORT}")
+                    raise TokenizerError(f"{printable(config_file)}: {name} {token!r} is not a token of "
+                                         f"{printable(self.path.name)}; {REEXPORT}")
                 self.special_tokens[name] = token
         # transformers skips this clean-up for BPE models, where it would eat real spaces before punctuation
         self._clean_up = bool(config.get("clean_up_tokenization_spaces", False)) and model_type != "BPE"
@@ -73,7 +77,8 @@ class TextTokenizer:
         files = manifest.get("files") or {}
         if not files.get("tokenizer"):
             return None
-        paths = {key: _export_file(export_dir, files, key) for key in ("tokenizer", "tokenizer_config", "chat_template")}
+        paths = {key: _export_file(export_dir, files, key)
+                 for key in ("tokenizer", "tokenizer_config", "chat_template")}
         vocab = manifest.get("io", {}).get("vocab_size")
         return cls(paths["tokenizer"], paths["tokenizer_config"], paths["chat_template"],
                    vocab if isinstance(vocab, int) else None)
@@ -103,8 +108,8 @@ class TextTokenizer:
         transformers' `apply_chat_template(..., tokenize=False)` renders it. Encode the result with
         add_special_tokens=False: the template writes its own BOS."""
         if self.chat_template is None:
-            raise TokenizerError(f"{self.path.parent} carries no chat template ({self.path.name} has none beside it);"
-                                 f" pass plain text, or export a model that has one")
+            raise TokenizerError(f"{printable(self.path.parent)} carries no chat template (manifest.json "
+                                 f"files.chat_template is null); pass plain text, or export a model that has one")
         if isinstance(messages, dict) or not isinstance(messages, (list, tuple)) or not messages:
             raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
         chat = []
@@ -120,42 +125,42 @@ class TextTokenizer:
             return self._template.render(messages=chat, tools=None, documents=None,
                                          add_generation_prompt=add_generation_prompt, **context)
         except TemplateError as exc:   # e.g. raise_exception("roles must alternate user/assistant")
-            raise ValueError(f"the chat template ({self.chat_template_path}) refused these messages: {exc}") from None
+            raise ValueError(f"the chat template ({printable(self.chat_template_path)}) refused these messages: "
+                             f"{printable(exc)}") from None
 
 
 # ---------------------------------------------------------------------- files
 
 
 def _export_file(export_dir, files: dict, key: str) -> Path | None:
-    """manifest `files[key]` as a path inside the export dir; a name that leaves it is refused."""
+    """manifest `files[key]` as a path inside the export dir (manifest.confined refuses one that leaves it)."""
     name = files.get(key)
     if name is None:
         return None
-    if not isinstance(name, str) or not name or PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
-        raise TokenizerError(f"{Path(export_dir) / 'manifest.json'}: files.{key} {name!r} is not a file name inside "
-                             f"the export directory; {REEXPORT}")
-    return Path(export_dir) / name
+    if not isinstance(name, str):
+        raise TokenizerError(f"{printable(Path(export_dir) / 'manifest.json')}: files.{key}: not a file name; "
+                             f"{REEXPORT}")
+    return confined(Path(export_dir), name, f"files.{key}", str(Path(export_dir) / "manifest.json"))
 
 
 def _read_text(path: Path, limit: int) -> str:
     try:
-        size = path.stat().st_size
-        if size > limit:
-            raise TokenizerError(f"{path}: {size} bytes, more than the {limit} a tokenizer file may have; {REEXPORT}")
-        return path.read_text(encoding="utf-8")
+        return read_regular(path, "tokenizer file", limit).decode("utf-8")
     except FileNotFoundError:
-        raise TokenizerError(f"{path}: not found, though manifest.json names it; {REEXPORT}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TokenizerError(f"{path}: cannot be read as UTF-8 text ({exc}); {REEXPORT}") from None
+        raise TokenizerError(f"{printable(path)}: not found, though manifest.json names it; {REEXPORT}") from None
+    except UnicodeDecodeError as exc:
+        raise TokenizerError(f"{printable(path)}: not UTF-8 text (byte {exc.start}); {REEXPORT}") from None
+    except (OSError, ValueError) as exc:   # not a regular file, over the limit, unreadable
+        raise TokenizerError(f"{printable(path)}: cannot be read ({printable(exc)}); {REEXPORT}") from None
 
 
 def _read_config(path: Path) -> dict:
     try:
         config = json.loads(_read_text(path, MAX_TEXT_BYTES))
     except json.JSONDecodeError as exc:
-        raise TokenizerError(f"{path}: not valid JSON ({exc}); {REEXPORT}") from None
+        raise TokenizerError(f"{printable(path)}: not valid JSON ({printable(exc)}); {REEXPORT}") from None
     if not isinstance(config, dict):
-        raise TokenizerError(f"{path}: should hold a JSON object; {REEXPORT}")
+        raise TokenizerError(f"{printable(path)}: should hold a JSON object; {REEXPORT}")
     return config
 
 
@@ -257,4 +262,5 @@ def _compile_template(source: str, path: Path):
     try:
         return env.from_string(source)
     except jinja2.exceptions.TemplateError as exc:
-        raise TokenizerError(f"{path}: not a valid jinja2 chat template ({exc}); {REEXPORT}") from None
+        raise TokenizerError(f"{printable(path)}: not a valid jinja2 chat template ({printable(exc)}); "
+                             f"{REEXPORT}") from None
