@@ -96,14 +96,15 @@ def build_et_llm(model: str, out: Path, max_seq_len: int) -> None:
            "model.dtype_override=fp32", "backend.xnnpack.enabled=True", f"export.max_seq_length={max_seq_len}",
            f"export.max_context_length={max_seq_len}", f"export.output_dir={out}", "export.output_name=model.pte"]
     print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, cwd=out)   # export_llm saves output_name relative to the working directory
     (out / "checkpoint.pth").unlink()
     print(f"parity vs transformers (prefill of 8 tokens): {et_llm_parity(out / 'model.pte', hf)}")
 
 
 def et_llm_parity(pte: Path, hf) -> dict:
     import torch
-    from executorch.runtime import Runtime as EtRuntime
+
+    EtRuntime = et_llm_runtime()
 
     ids = torch.arange(10, 18, dtype=torch.long)[None]
     method = EtRuntime.get().load_program(pte).load_method("forward")
@@ -111,6 +112,15 @@ def et_llm_parity(pte: Path, hf) -> dict:
     with torch.no_grad():
         want = hf(ids).logits[0, -1]
     return {"max_abs_logit_diff": float((got - want).abs().max()), "same_argmax": bool(got.argmax() == want.argmax())}
+
+
+def et_llm_runtime():
+    """ExecuTorch's runtime with the kernels export_llm's programs call (llama::custom_sdpa, update_cache)."""
+    import torch  # noqa: F401  (the bindings need libtorch first)
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (registers the llama:: kernels)
+    from executorch.runtime import Runtime as EtRuntime
+
+    return EtRuntime
 
 
 # ------------------------------------------------------------------------------------------------ the engines
@@ -184,10 +194,7 @@ class EtLlmProgram:
     """export_llm's .pte: forward(tokens, input_pos) with its KV cache inside the program."""
 
     def __init__(self, pte: Path):
-        import torch  # noqa: F401  (the bindings need libtorch first)
-        from executorch.runtime import Runtime as EtRuntime
-
-        self.method = EtRuntime.get().load_program(pte).load_method("forward")
+        self.method = et_llm_runtime().get().load_program(pte).load_method("forward")
         self.vocab = json.loads((pte.parent / "params.json").read_text())["vocab_size"]
 
     def call(self, kind: str):
