@@ -57,7 +57,7 @@ def generate(export_dir, prompt, adapters, scales, chat, max_new_tokens, tempera
     from shira_edge.runtime.manifest import read_manifest
 
     try:
-        # A one-off run: ONNX's "instant" policy builds one session, not a second, prepacked one in the background.
+        # A one-off run: where ONNX falls back to rebuilding sessions, "instant" spares it a background rebuild.
         policy = "instant" if read_manifest(export_dir)["backend"] == "onnxruntime" else "auto"
         with Runtime(export_dir, threads, policy=policy) as rt:
             if adapters:
