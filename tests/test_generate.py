@@ -263,6 +263,12 @@ def test_cli_prints_the_text_with_fused_adapters(rt, onnx_dir, tmp_path):
         rt.switch(None)
 
 
+def test_cli_escapes_control_characters_of_the_text():
+    from shira_edge.commands.generate import terminal_safe
+
+    assert terminal_safe("\x1b[2Jhi\u202e\n\tok \\ é") == "\\x1b[2Jhi\\u202e\n\tok \\ é"
+
+
 def test_cli_flag_errors_come_before_loading(tmp_path):
     not_an_export = tmp_path   # an empty directory: loading it would fail on manifest.json
     for flags, name in ((["--temperature", "-0.5"], "--temperature"), (["--top-p", "0"], "--top-p"),

@@ -66,4 +66,16 @@ def generate(export_dir, prompt, adapters, scales, chat, max_new_tokens, tempera
                                     seed=seed)
     except (ValueError, OSError, RuntimeError) as exc:   # the runtime's errors name the file, key or flag
         raise click.ClickException(str(exc)) from None
-    click.echo(text)
+    click.echo(terminal_safe(text))
+
+
+def terminal_safe(text: str) -> str:
+    """The text comes from the export's vocabulary, untrusted: control characters (a terminal escape, a bidi
+    override) arrive escaped, new lines and tabs as they are.
+
+    >>> terminal_safe("\\x1b[2Jhi\\n\\tok")
+    '\\\\x1b[2Jhi\\n\\tok'
+    """
+    from shira_edge.runtime.untrusted import printable
+
+    return "".join(ch if ch.isprintable() or ch in "\n\t" else printable(ch) for ch in text)
