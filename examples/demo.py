@@ -40,6 +40,12 @@ def corpus(path: Path, source_module: str, lines: int) -> Path:
     return path
 
 
+def _timed(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
 def switch_and_generate(export_dir: Path, adapters: dict[str, Path]) -> None:
     from shira_edge.runtime import Runtime
 
@@ -49,7 +55,12 @@ def switch_and_generate(export_dir: Path, adapters: dict[str, Path]) -> None:
     prompt = [[2] + [b + 4 for b in b"import json"]]          # byte-level ids, as the random-init adapters used
     with Runtime(export_dir) as rt:
         base = rt.weight("model.decoder.layers.0.fc1.weight")
-        print(f"{'switch to':<16}{'live after':>12}{'scatter':>10}{'full speed after':>18}   greedy continuation")
+        # The base reference is measured like each row below: a prompt pass right after a generation.
+        base_call = sorted(rt.generate(prompt, max_new_tokens=12) is None or _timed(rt.step, prompt)
+                           for _ in range(5))[2]
+        print(f"switch path: {rt.switch_path}" + (f" ({rt.switch_fallback_reason})" if rt.switch_fallback_reason else ""))
+        print(f"{'switch to':<16}{'live after':>12}{'scatter':>10}{'full speed after':>18}{'1st run vs base':>17}"
+              f"   greedy continuation")
         for state in states:
             srcs = None if state is None else [adapters[n] for n in state] if isinstance(state, list) else adapters[state]
             t0 = time.perf_counter()
@@ -57,11 +68,12 @@ def switch_and_generate(export_dir: Path, adapters: dict[str, Path]) -> None:
             live = time.perf_counter() - t0
             rt.wait_ready()
             ready = time.perf_counter() - t0
+            first = _timed(rt.step, prompt)     # the first run after the switch: at full speed already?
             tokens = rt.generate(prompt, max_new_tokens=12)[0, len(prompt[0]):]
             text = bytes(t - 4 for t in tokens if 4 <= t < 260).decode("utf-8", "replace")
             label = "base" if state is None else "+".join(state) if isinstance(state, list) else state
             print(f"{label:<16}{live * 1e3:>10.1f}ms{rt.last_switch['scatter_s'] * 1e3:>8.1f}ms"
-                  f"{ready * 1e3:>16.1f}ms   {text!r}")
+                  f"{ready * 1e3:>16.1f}ms{first / base_call:>16.2f}x   {text!r}")
         rt.switch(None)
         restored = (rt.weight("model.decoder.layers.0.fc1.weight") == base).all()
         print(f"back to base, weights bit-identical to the export: {bool(restored)}")

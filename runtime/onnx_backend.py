@@ -120,6 +120,11 @@ class OnnxBackend:
         return self._impl.wait_ready(timeout)
 
     @property
+    def start_timings(self) -> dict:
+        """Seconds per start-up step of the packed-in-place path ({} on the rebuild path)."""
+        return getattr(self._impl, "start_timings", {})
+
+    @property
     def cache_bytes(self) -> int:
         """tmpfs bytes held by the packed-in-place cache (0 on the rebuild path)."""
         return getattr(self._impl, "cache_bytes", 0)

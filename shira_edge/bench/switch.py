@@ -51,7 +51,9 @@ def run(export_dir: Path, manifest: dict, r: int, shira: tuple[Path, Path], lora
     decode_ids = token_ids("decode", manifest["io"]["vocab_size"])
     cache = runtime_cache(manifest, "decode")
 
+    started = time.perf_counter()
     rt = Runtime(export_dir, threads=threads, policy="auto", scatter_threads=threads)
+    startup = {"runtime_s": time.perf_counter() - started, **getattr(rt._backend, "start_timings", {})}
     switch_path = rt.switch_path
     lf = LoraFused(export_dir, manifest, threads)
     try:
@@ -116,7 +118,7 @@ def run(export_dir: Path, manifest: dict, r: int, shira: tuple[Path, Path], lora
         "backend": backend, "r": r, "nnz": int(plan_y.positions.size),
         "density": plan_y.positions.size / sum(w["shape"][0] * w["shape"][1]
                                                for w in manifest["weights"] if w["patchable"]),
-        "touched_bytes": lines * LINE_FLOATS * 4, "policy": "auto", "switch_path": switch_path,
+        "touched_bytes": lines * LINE_FLOATS * 4, "policy": "auto", "switch_path": switch_path, "startup": startup,
         "modes": {k: summarize(v) for k, v in times.items()},
         "ratios": {
             # the weight update into the same buffers: live for SHiRA, fused for LoRA
