@@ -255,8 +255,8 @@ class Runtime:
         if self._backend.backend == "executorch":
             what, fix = f"this ExecuTorch export's static KV cache of {limit} positions", "a larger --max-seq-len"
         else:
-            what, fix = f"the {limit} positions this ONNX export runs (manifest io.max_positions: the model's " \
-                        f"max positions, or --max-seq-len at export)", "a larger --max-seq-len if the model allows"
+            what, fix = (f"the {limit} positions this ONNX export was made for (the model's max positions, or "
+                         f"--max-seq-len at export)"), "a larger --max-seq-len if the model allows"
         run = prompt_len + max(max_new_tokens - 1, 0)   # the last new token is never run
         if prompt_len > limit:
             raise ValueError(f"the prompt has {prompt_len} tokens, more than {what}; shorten it, or re-export with "
