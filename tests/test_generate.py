@@ -310,6 +310,36 @@ def test_broken_tokenizer_files_are_named(onnx_dir, tmp_path):
         rt.tokenizer
 
 
+def test_a_chat_template_cannot_leave_its_sandbox(onnx_dir, tmp_path):
+    escape = _copy_export(onnx_dir, tmp_path / "escape")
+    (escape / "chat_template.jinja").write_text("{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    with Runtime(escape, policy="instant") as rt, pytest.raises(ValueError, match="chat_template.jinja.*unsafe"):
+        rt.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_export_refuses_a_tokenizer_the_device_would_not_reproduce(tmp_path):
+    """The export reads its files back through the runtime and compares with transformers: a tokenizer whose
+    behaviour lives in Python (here a decode override) or that does not fit the model's vocabulary is refused."""
+    from shira_edge.exporters.common import ExportError
+    from shira_edge.exporters.tokenizer_files import export_tokenizer
+
+    tok = make_tokenizer()
+    (tmp_path / "ok").mkdir()
+    assert export_tokenizer(tok, tmp_path / "ok", vocab_size=512)["chat_template"] == "chat_template.jinja"
+
+    class Shouting(type(tok)):
+        def _decode(self, *args, **kwargs):
+            return super()._decode(*args, **kwargs).upper()
+
+    shouting = Shouting(tokenizer_object=tok.backend_tokenizer, bos_token="</s>", eos_token="</s>")
+    (tmp_path / "shouting").mkdir()
+    with pytest.raises(ExportError, match="decode.*through tokenizer.json but .* through transformers"):
+        export_tokenizer(shouting, tmp_path / "shouting", vocab_size=512)
+    (tmp_path / "small").mkdir()
+    with pytest.raises(ExportError, match="token id 511, but the model's vocabulary is 300"):
+        export_tokenizer(tok, tmp_path / "small", vocab_size=300)
+
+
 def test_a_prompt_longer_than_the_model_positions_is_refused_first(rt):
     limit = rt.manifest["io"]["max_positions"]
     with pytest.raises(ValueError, match=f"prompt has {limit + 1} tokens.*{limit} positions"):
