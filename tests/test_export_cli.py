@@ -74,3 +74,20 @@ def test_failed_parity_check_leaves_nothing(tmp_path):
     result = export("--model", "tiny-opt", "--atol", "0", "-o", tmp_path / "out")
     assert_clean_error(result, "parity check failed", "max_abs_diff")
     assert leftovers(tmp_path, "out") == []
+
+
+def test_unsupported_architecture(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(
+        tmp_path / "gpt2")
+    result = export("--model", tmp_path / "gpt2", "-o", tmp_path / "out")
+    assert_clean_error(result, "GPT2LMHeadModel", "'gpt2'", "not supported", "llama, mistral, opt, qwen2")
+    assert leftovers(tmp_path, "out") == []
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "executorch"])
+def test_max_seq_len_above_the_models_positions(tmp_path, fmt):
+    result = export("--model", "tiny-opt", "--format", fmt, "--max-seq-len", "4096", "-o", tmp_path / "out")
+    assert_clean_error(result, "--max-seq-len 4096", "2..256", "max_position_embeddings")
+    assert leftovers(tmp_path, "out") == []
