@@ -1,0 +1,201 @@
+"""The ExecuTorch packed-in-place switch (runtime/et_packed.py), its fallback to reloading (runtime/
+executorch_backend.py ReloadProgram), the native runner (runtime/et_native.py) and the executorch pin (runtime/
+et_compat.py), on the tiny OPT export (the `exports` fixture of tests/test_runtime_switch.py). References are fresh
+loads of the export with the patched weights written into its .ptd."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from shira_edge.bench.adapters import random_shira
+from shira_edge.runtime import Runtime, et_compat, et_native, et_packed, executorch_backend
+from shira_edge.runtime.et_packed import XnnpackPackedFC
+from shira_edge.runtime.manifest import read_manifest
+from shira_edge.runtime.shira_format import write_shira
+from tests.test_runtime_switch import exports  # noqa: F401  (the session's tiny exports)
+
+IDS = np.array([[2, 45, 9, 301, 77, 5, 130, 12]])
+FUSE_SCALES = [1.0, 0.5]
+
+
+@pytest.fixture(scope="module")
+def et_dir(exports):
+    return exports["executorch"]
+
+
+@pytest.fixture(scope="module")
+def shiras(et_dir, tmp_path_factory):
+    root, weights = tmp_path_factory.mktemp("packed-et-adapters"), read_manifest(et_dir)["weights"]
+    patchable = [w for w in weights if w["patchable"]]
+    return {name: write_shira(root / f"{name}.shira", random_shira(name, patchable, None, seed, density=0.05))
+            for name, seed in (("a", 1), ("b", 2))}
+
+
+@pytest.fixture(scope="module")
+def packed(et_dir):
+    with Runtime(et_dir) as rt:
+        yield rt
+
+
+def _with_weights(et_dir, rt, out):
+    """A copy of the export whose .ptd holds the runtime's live weights (the "patch the .ptd" reference)."""
+    manifest = read_manifest(et_dir)
+    out.mkdir()
+    for f in et_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    ptd = bytearray((out / "model.ptd").read_bytes())
+    for w in manifest["weights"]:
+        if w["patchable"]:
+            ptd[w["offset"]: w["offset"] + w["nbytes"]] = rt.weight(w["name"]).astype("<f4").tobytes()
+    (out / "model.ptd").write_bytes(bytes(ptd))
+    return out
+
+
+def _fresh_logits(export_dir, ids=IDS):
+    """Logits of a plain load of the files (XNNPACK packs them afresh on its heap, no cache file)."""
+    vocab = read_manifest(export_dir)["io"]["vocab_size"]
+    program = et_native.NativeProgram(et_native.library(), export_dir / "model.pte", export_dir / "model.ptd",
+                                      cache_path="", vocab=vocab)
+    try:
+        return program.forward(ids[0], 0)
+    finally:
+        program.close()
+
+
+# ---------------------------------------------------------------- the packed path
+
+
+def test_packed_path_runs_here(packed):
+    assert packed.switch_path == "packed-in-place"
+    assert packed.switch_fallback_reason is None
+    slots = [s for s in packed._backend.slots.values() if s.patchable]
+    assert slots and all(isinstance(s.packing, XnnpackPackedFC) for s in slots)
+
+
+@pytest.mark.parametrize("state", ["a", "fused", "restored"])
+def test_first_run_after_switch_equals_a_fresh_load_of_the_patched_ptd(packed, shiras, et_dir, tmp_path, state):
+    a, b = shiras["a"], shiras["b"]
+    pristine = packed._backend.flat.tobytes()
+    if state == "a":
+        packed.switch(a)
+    elif state == "fused":
+        packed.switch([a, b], scales=FUSE_SCALES)
+    else:
+        for s in (a, b, [a, b]):
+            packed.switch(s)
+        packed.switch(None)
+    try:
+        first = packed.run(IDS)                                 # the first run after the switch
+        reference = _with_weights(et_dir, packed, tmp_path / "patched")
+        assert np.array_equal(first, _fresh_logits(reference))
+        if state == "restored":                                 # back to the export itself, bit for bit
+            assert packed._backend.flat.tobytes() == pristine
+            assert np.array_equal(first, _fresh_logits(et_dir))
+        else:
+            assert not np.array_equal(first, _fresh_logits(et_dir))
+    finally:
+        packed.switch(None)
+
+
+def test_packed_runtime_never_imports_torch(et_dir):
+    code = textwrap.dedent(f"""
+        import sys
+        from shira_edge.runtime import Runtime
+        rt = Runtime({str(et_dir)!r})
+        rt.run([[2, 3, 4]])
+        assert rt.switch_path == "packed-in-place", rt.switch_fallback_reason
+        assert "torch" not in sys.modules, "torch was imported"
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- fallback
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    monkeypatch.setattr(executorch_backend, "_SAID", set())   # each test sees its warning, said once
+
+
+def test_failed_self_test_falls_back_to_reloading_and_never_sees_a_patched_cache(packed, shiras, et_dir,
+                                                                                monkeypatch, fresh_warnings):
+    monkeypatch.setattr(et_packed, "SELF_TEST_DELTA", np.float32(0.0))   # the patch cannot move the output
+    with pytest.warns(RuntimeWarning, match="did not change the output.*falling back to reloading"):
+        rt = Runtime(et_dir)
+    with rt:
+        assert rt.switch_path == "reload" and "did not change the output" in rt.switch_fallback_reason
+        packed.switch(shiras["a"])                 # a packed runtime of the same export, patched, in this process
+        try:
+            assert np.array_equal(rt.run(IDS), _fresh_logits(et_dir))
+            rt.switch(shiras["a"])
+            assert np.array_equal(rt.run(IDS), packed.run(IDS))
+            rt.switch(None)
+            assert np.array_equal(rt.run(IDS), _fresh_logits(et_dir))
+        finally:
+            packed.switch(None)
+
+
+def test_a_layout_not_found_here_falls_back(et_dir, monkeypatch, fresh_warnings):
+    monkeypatch.setattr(et_packed, "NR_CANDIDATES", (8,))   # as if this CPU's kernels packed 8 outputs per block
+    with pytest.warns(RuntimeWarning, match="matches no known XNNPACK layout"):
+        with Runtime(et_dir) as rt:
+            assert rt.switch_path == "reload"
+
+
+def test_without_a_compiler_the_runtime_falls_back(et_dir, monkeypatch, tmp_path, fresh_warnings):
+    monkeypatch.setenv("SHIRA_EDGE_CACHE", str(tmp_path))
+    monkeypatch.setattr(et_native, "_LIB", None)
+    monkeypatch.setattr(et_native, "build_command", lambda out: ["false"])
+    with pytest.warns(RuntimeWarning, match="building shira_et.cpp with g\\+\\+ failed"):
+        with Runtime(et_dir) as rt:
+            assert rt.switch_path == "reload"
+    assert not list(tmp_path.rglob("*.so"))     # nothing half-built is left to load
+
+
+def test_in_place_false_asks_for_the_reload_path(et_dir):
+    with Runtime(et_dir, in_place=False) as rt:
+        assert rt.switch_path == "reload"
+
+
+# ---------------------------------------------------------------- pieces
+
+
+@pytest.mark.parametrize("k,n,nr", [(3, 5, 4), (32, 64, 32), (7, 33, 16)])
+def test_packed_fc_positions_and_elements_are_inverse(k, n, nr):
+    p = XnnpackPackedFC(k, n, nr)
+    positions = p.positions(np.arange(n * k))
+    assert np.unique(positions).size == n * k and positions.max() < p.size
+    assert np.array_equal(p.elements(positions), np.arange(n * k))
+    assert (p.elements(np.setdiff1d(np.arange(p.size), positions)) == -1).all()   # biases and padding
+
+
+def test_native_library_is_keyed_by_its_source(monkeypatch, tmp_path):
+    monkeypatch.setenv("SHIRA_EDGE_CACHE", str(tmp_path))
+    first = et_native.library_path()
+    changed = tmp_path / "shira_et.cpp"
+    changed.write_text(et_native.SOURCE.read_text() + "\n// changed\n")
+    monkeypatch.setattr(et_native, "SOURCE", changed)
+    assert et_native.library_path() != first and et_native.library_path().parent == tmp_path / "native"
+
+
+def test_executorch_is_the_pinned_version():
+    installed = et_compat.installed_version()
+    assert installed == et_compat.EXECUTORCH_VERSION, (
+        f"executorch {installed} is installed, but runtime/et_compat.py is pinned to "
+        f"{et_compat.EXECUTORCH_VERSION}: re-check its private APIs and XNNPACK's cache format (see its docstring) "
+        f"against {installed}'s sources, then move the pin")
+
+
+def test_module_docstrings_run():
+    import doctest
+
+    for module in (et_packed, et_compat):
+        result = doctest.testmod(module)
+        assert result.failed == 0 and result.attempted > 0, module.__name__
