@@ -128,6 +128,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def manifest_head(backend: str, info, weights: list[dict]) -> dict:
+    """The manifest keys every exporter writes first: format, backend, model record, weights and their fingerprint."""
+    from ..runtime.fingerprint import base_fingerprint
+    from ..runtime.manifest import FORMAT_VERSION
+
+    return {"format_version": FORMAT_VERSION, "backend": backend, "model": info.to_json(),
+            "fingerprint": base_fingerprint({w["name"]: (w["shape"], w["digest"]) for w in weights}),
+            "weights": weights}
+
+
 def tied_weights(model) -> dict[str, str]:
     """Parameter name -> the earlier name it shares storage with (lm_head.weight -> ...embed_tokens.weight when the
     model ties them). The one tied-weight rule every exporter and the adapter fusion use."""

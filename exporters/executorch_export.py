@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from shira_edge.exporters.architecture import cache_spec, check_max_seq_len, describe, token_ids
-from shira_edge.exporters.common import ExportError, Stages, apply_targets, tied_weights
-from shira_edge.runtime.manifest import FORMAT_VERSION, weight_entry
-from shira_edge.runtime.fingerprint import base_fingerprint, weight_digest
+from shira_edge.exporters.common import ExportError, Stages, apply_targets, manifest_head, tied_weights
+from shira_edge.runtime.manifest import weight_entry
+from shira_edge.runtime.fingerprint import weight_digest
 
 PROGRAM_FILE = "model.pte"
 DATA_TAG = "model"                  # ExecuTorch names the external data file <tag>.ptd
@@ -74,13 +74,8 @@ def export_executorch(model, info, out_dir: Path, *, stages: Stages, max_seq_len
         parity = executorch_parity(model, out_dir, max_seq_len, atol)
 
     cfg = model.config
-    fingerprint = base_fingerprint({w["name"]: (w["shape"], w["digest"]) for w in weights})
     return {
-        "format_version": FORMAT_VERSION,
-        "backend": "executorch",
-        "model": info.to_json(),
-        "fingerprint": fingerprint,
-        "weights": weights,
+        **manifest_head("executorch", info, weights),
         "io": io_spec(cfg, arch, max_seq_len),
         "files": {"program": PROGRAM_FILE, "data": DATA_FILE},
         "export": {

@@ -28,9 +28,9 @@ from onnx import numpy_helper
 from onnx.external_data_helper import set_external_data
 
 from .architecture import cache_spec, check_max_seq_len, describe, token_ids
-from .common import ExportError, apply_targets, tied_weights, usual_permissions
+from .common import ExportError, apply_targets, manifest_head, tied_weights, usual_permissions
 from .kv_cache import PastPresentDecoder
-from ..runtime.fingerprint import base_fingerprint, weight_digest
+from ..runtime.fingerprint import weight_digest
 from . import onnx_verify
 
 MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
@@ -179,11 +179,7 @@ def _manifest(model, info, wrapper: PastPresentDecoder, weights: list[dict], par
     cfg, arch = model.config, wrapper.arch
     inputs, outputs = wrapper.io_names()
     return {
-        "format_version": 1,
-        "backend": "onnxruntime",
-        "model": info.to_json(),
-        "fingerprint": base_fingerprint({w["name"]: (w["shape"], w["digest"]) for w in weights}),
-        "weights": weights,
+        **manifest_head("onnxruntime", info, weights),
         "io": {
             "inputs": inputs, "outputs": outputs,
             "dtypes": {"input_ids": "int64", "attention_mask": "int64", "position_ids": "int64",
