@@ -91,6 +91,8 @@ def test_switch(quick_bench, backend):
     check_ratio(b["ratios"]["lora_fuse_over_shira_live"], modes["lora_fused.fuse"], modes["shira_warm.live"])
     check_ratio(b["ratios"]["naive_ready_over_shira_ready"], modes["naive_reload"], modes["shira_warm.ready"])
     assert 0 < b["touched_bytes"] and b["nnz"] == 4 * sum(a + c for a, c in [(32, 32)] * 8 + [(64, 32), (32, 64)] * 2)
+    if backend == "onnxruntime":   # the runtime's own path, recorded so a result says which design it measured
+        assert b["switch_path"] == "packed-in-place"
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "executorch"])
@@ -116,11 +118,16 @@ def test_memory(quick_bench):
         {("executorch", m) for m in ("base", "naive_reload", "shira", "lora_fused")}
     for d in mem:
         assert d["peak_rss_bytes"] >= d["baseline_rss_bytes"] > 10 * 2**20
+        assert d["peak_footprint_bytes"] >= d["end_footprint_bytes"] > 10 * 2**20
+    (shira,) = [d for d in mem if d["backend"] == "onnxruntime" and d["mode"] == "shira"]
+    assert shira["tmpfs_end_bytes"] > 0     # the packed-in-place cache is counted, not hidden in shared pages
 
 
 def test_headline_goals_computed(quick_bench):
     goals = quick_bench[1]["headline"]["goals"]
     assert any(k.startswith("a_4096") for k in goals) and any(k.startswith("c_steady") for k in goals)
+    for prefix in ("b_r4_ready", "b_floor", "c_after", "d_memory onnxruntime"):
+        assert any(k.startswith(prefix) for k in goals), prefix
     assert all(isinstance(g["met"], bool) and g["measured"] for g in goals.values())
 
 
