@@ -335,6 +335,11 @@ def _check_io(c: _Checker, backend: str, io: dict) -> None:
         c.get(io, key, f"io.{key}", _token_id(vocab), f"a token id (or list of ids) below io.vocab_size {vocab}", default=None)
     cache = c.get(io, "cache", "io.cache", lambda v: isinstance(v, dict), "an object")
     positive = (lambda v: _is_int(v) and 1 <= v <= MAX_DIM, "a positive integer")
+    maybe_positive = (lambda v: v is None or positive[0](v), "a positive integer")
+    c.get(io, "max_positions", "io.max_positions", *maybe_positive, default=None)
+    c.get(cache, "max_seq_len", "io.cache.max_seq_len", *maybe_positive, default=None)
+    for key in ("inputs", "outputs"):
+        c.get(io, key, f"io.{key}", lambda v: isinstance(v, list) and len(v) <= MAX_WEIGHTS, "a list", default=[])
     if backend == "onnxruntime":
         for key in ("num_heads", "head_dim"):
             c.get(cache, key, f"io.cache.{key}", *positive)
@@ -388,8 +393,9 @@ def _check_on_disk(c: _Checker, backend: str, weights: list[dict], files: dict, 
     for key, value in files.items():
         if isinstance(value, str) and key not in paths and key not in ("graph_optimization_level",):
             path = confined(export_dir, value, f"files.{key}", c.where)
-            if not path.exists():
-                c.fail(f"files.{key}", f"{_short(value)} does not exist in the export dir")
+            if not (path.is_file() or path.is_dir()):   # a FIFO would block whoever opens it
+                c.fail(f"files.{key}", f"{_short(value)} is missing or not a regular file or directory in the "
+                                       f"export dir")
     sizes: dict[str, int] = {}
     for i, w in enumerate(weights):
         field = f"weights[{i}] ({_short(w['name'])}).file"

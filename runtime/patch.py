@@ -244,6 +244,8 @@ BASE_PLAN = Plan((), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0,
 
 _KEY_MEMO: dict[str, tuple[tuple, str]] = {}   # path -> (stat identity, content key), for unchanged files
 RACY_S = 2.0   # a file changed this recently may change again within one timestamp tick: hash it every time
+KEY_MEMO_SIZE = 4096
+_KEY_LOCK = threading.Lock()
 
 
 def adapter_key(source, content: bytes | None = None) -> str:
@@ -262,16 +264,21 @@ def adapter_key(source, content: bytes | None = None) -> str:
         raise FileNotFoundError(f"adapter {printable(source)}: {exc.strerror}; pass the path of a .shira file") \
             from None
     ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    memo = _KEY_MEMO.get(str(path))
-    if content is None and memo is not None and memo[0] == ident:
+    if content is not None:   # read before this stat: its identity may be newer than the bytes, so no memo
+        return f"file:{path}:{hashlib.sha256(content).hexdigest()}"
+    with _KEY_LOCK:
+        memo = _KEY_MEMO.get(str(path))
+    if memo is not None and memo[0] == ident:
         return memo[1]
-    if content is None:
-        content = _read_adapter(path)
-    key = f"file:{path}:{hashlib.sha256(content).hexdigest()}"
-    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > RACY_S * 1e9:
-        _KEY_MEMO[str(path)] = (ident, key)
-    else:
-        _KEY_MEMO.pop(str(path), None)
+    # Stat first, then read: if the file changes meanwhile, the memo maps the old identity, which never recurs.
+    key = f"file:{path}:{hashlib.sha256(_read_adapter(path)).hexdigest()}"
+    with _KEY_LOCK:
+        if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > RACY_S * 1e9:
+            if len(_KEY_MEMO) >= KEY_MEMO_SIZE:   # an app streaming through many adapters: forget the oldest
+                del _KEY_MEMO[next(iter(_KEY_MEMO))]
+            _KEY_MEMO[str(path)] = (ident, key)
+        else:
+            _KEY_MEMO.pop(str(path), None)
     return key
 
 

@@ -124,6 +124,11 @@ def _control_chars_in_name(m, d):
     m["weights"][1]["name"] = CONTROL
 
 
+def _tokenizer_fifo(m, d):
+    os.mkfifo(d / "tokenizer.json")
+    m["files"]["tokenizer"] = "tokenizer.json"
+
+
 def _replace_file(content: bytes):
     return lambda m, d: (d / "manifest.json").write_bytes(content)
 
@@ -175,6 +180,8 @@ CASES = {
     "files-tokenizer-dotdot": (_set("files.tokenizer", "../../tok"), "fp", ["files.tokenizer: '../../tok'"]),
     "files-data-missing": (_set("files.data", "nope.data"), "fp", ["files.data: 'nope.data' is missing or not a "
                                                                    "regular file"]),
+    "files-tokenizer-fifo": (_tokenizer_fifo, "fp", ["files.tokenizer: 'tokenizer.json' is missing or not a "
+                                                     "regular file or directory"]),
     "tensor-not-in-graph": (_tensor_missing, "fp", [".tensor: 'no_such_initializer' is not in model.onnx"]),
     "fingerprint": (_set("fingerprint", "sha256:" + "0" * 64), "as-is", ["fingerprint: sha256:000", "re-export"]),
     "vocab-size-zero": (_set("io.vocab_size", 0), "fp", ["io.vocab_size: 0 is not a positive integer"]),
