@@ -25,11 +25,11 @@ Switch SHiRA adapters in place in an exported model (run `shira-edge export --mo
     >>> rt.switch(None)                                   # the base model again, bit for bit
     >>> bool((rt.weight(w["name"]) == base).all()), rt.active
     (True, ())
-    >>> rt.wait_ready()                                   # full speed (policy "auto" rebuilds in the background)
+    >>> rt.wait_ready()                   # full speed: at once where rt.switch_path == "packed-in-place"
     True
     >>> rt.close()
 
-See docs/runtime.md for the design (policies "auto", "instant", "packed") and measurements.
+See docs/runtime.md for the design (packed-in-place switching, its rebuild fallback and policies) and measurements.
 """
 
 from .patch import AdapterMismatch

@@ -20,23 +20,14 @@ from shira_edge.runtime.layout import MlasPackedB, TablePacking, buffer_position
 from shira_edge.runtime.onnx_backend import PackedPathWarning, RebuildSessions
 from shira_edge.runtime.patch import Slot
 from shira_edge.runtime.shira_format import make_adapter, make_target, write_shira
-from tests.conftest import make_tiny_opt
 
 IDS = np.array([[2, 45, 9, 301, 77, 5, 130, 12]])
 
 
 @pytest.fixture(scope="session")
-def onnx_dir(tmp_path_factory):
-    """The tiny OPT (seed 0) through the real ONNX exporter."""
-    from shira_edge.exporters.common import Stages
-    from shira_edge.exporters.onnx_export import export_onnx
-    from shira_edge.models import ModelInfo
-    from shira_edge.runtime.manifest import write_manifest
-
-    out = tmp_path_factory.mktemp("packed-onnx")
-    info = ModelInfo("tiny-opt", "tests/conftest.py", "OPTForCausalLM", "random-init", 0)
-    write_manifest(out, export_onnx(make_tiny_opt(seed=0), info, out, stages=Stages(quiet=True)))
-    return out
+def onnx_dir(tiny_exports):
+    """The tiny OPT (seed 0) through the real ONNX exporter: the session's shared export (tests/conftest.py)."""
+    return tiny_exports["onnx"]
 
 
 def _random_adapter(path, manifest, seed, density=0.05):

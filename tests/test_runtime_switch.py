@@ -260,15 +260,18 @@ def test_bad_arguments_say_what_to_do(rt, adapters, tmp_path):
 # ---------------------------------------------------------------- threads
 
 
-@pytest.mark.parametrize("backend,policy", [("onnx", "instant"), ("onnx", "packed"), ("onnx", "auto"),
-                                            ("executorch", "auto")])
-def test_runs_in_other_threads_never_see_half_switched_weights(exports, adapters, backend, policy):
-    # "auto" serves from two sessions (direct, then packed) whose kernels round differently in the last bits, so
-    # there a run must match one valid state to 1e-5 (states differ by far more); elsewhere it must match exactly.
-    same = (lambda x, y: np.allclose(x, y, atol=1e-5, rtol=0)) if policy == "auto" else np.array_equal
+@pytest.mark.parametrize("backend,policy,in_place", [("onnx", "instant", False), ("onnx", "packed", False),
+                                                     ("onnx", "auto", False), ("onnx", "auto", True),
+                                                     ("executorch", "auto", True)])
+def test_runs_in_other_threads_never_see_half_switched_weights(exports, adapters, backend, policy, in_place):
+    # The rebuild path's "auto" serves from two sessions (direct, then packed) whose kernels round differently in the
+    # last bits, so there a run must match one valid state to 1e-5 (states differ by far more); elsewhere (one
+    # session per state, or the packed-in-place path's one session) it must match exactly.
+    rounding = policy == "auto" and not in_place
+    same = (lambda x, y: np.allclose(x, y, atol=1e-5, rtol=0)) if rounding else np.array_equal
     a, b = adapters["a"][1], adapters["b"][1]
     states = [None, a, b, [a, b]]
-    with Runtime(exports[backend], policy=policy) as rt:
+    with Runtime(exports[backend], policy=policy, in_place=in_place) as rt:
         valid = []
         for s in states:
             rt.switch(s)
@@ -303,8 +306,8 @@ def test_runs_in_other_threads_never_see_half_switched_weights(exports, adapters
 def test_onnx_policies_give_the_same_model(exports, adapters):
     a = adapters["a"][1]
     results = {}
-    for policy in ("instant", "packed", "auto"):
-        with Runtime(exports["onnx"], policy=policy) as rt:
+    for policy in ("instant", "packed", "auto"):   # the policies of the rebuild path (packed-in-place ignores them)
+        with Runtime(exports["onnx"], policy=policy, in_place=False) as rt:
             rt.switch(a)
             results[policy] = rt.run(IDS)
             assert rt.wait_ready(timeout=60)
@@ -312,6 +315,10 @@ def test_onnx_policies_give_the_same_model(exports, adapters):
             np.testing.assert_allclose(rt.run(IDS), results[policy], atol=1e-5, rtol=0)
     np.testing.assert_allclose(results["instant"], results["packed"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(results["auto"], results["packed"], atol=1e-5, rtol=0)
+    with Runtime(exports["onnx"]) as rt:
+        assert rt.switch_path == "packed-in-place" and rt.ready
+        rt.switch(a)
+        np.testing.assert_allclose(rt.run(IDS), results["packed"], atol=1e-5, rtol=0)
 
 
 def test_unknown_policy_is_refused(exports):
