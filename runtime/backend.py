@@ -40,7 +40,8 @@ from .patch import Slot
 
 
 class Backend(Protocol):
-    """What `Runtime` needs from a backend. Constructed as Backend(export_dir, manifest, *, policy, threads)."""
+    """What `Runtime` needs from a backend. Constructed as Backend(export_dir, manifest, *, policy, threads), and
+    with in_place=False only when the caller asks for the backend's fallback path (Runtime passes it only then)."""
 
     backend: str                         # "onnxruntime" | "executorch"
     slots: dict[str, Slot]               # PyTorch weight name -> Slot (every manifest weight)
