@@ -1,10 +1,11 @@
-"""Quality check: LoRA vs SHiRA (every mask) at equal trainable parameters, and the cost of fusing two adapters.
+"""The earlier tiny-model quality check (superseded by benchmarks/quality.py on SmolLM2-135M and real tasks):
+LoRA vs SHiRA (every mask) at equal trainable parameters on a 0.6M-parameter OPT, and the cost of fusing two adapters.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py -o quality.json          # ~5 min CPU, 9-12 min shared
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py --fusion-lr 0.003 -o q.json   # fusion at one common lr
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py --quick -o /tmp/q.json   # ~1 min, smaller everything
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality_tiny.py -o quality.json        # ~5 min CPU, 9-12 min shared
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality_tiny.py --fusion-lr 0.003 -o q.json   # one common lr
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality_tiny.py --quick -o /tmp/q.json   # ~1 min
 
-Results and their reading: docs/quality.md.
+Results and their reading: docs/quality.md, "Earlier study: tiny model".
 
 1. A small OPT (byte-level tokenizer, shira_edge.data.ByteTokenizer) is pre-trained from scratch on Python
    standard-library SOURCE code (the stdlib .py files, with docstrings and comments stripped via ast.unparse).
@@ -41,6 +42,10 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+from shira_edge.quality import write_report  # noqa: E402
+from shira_edge.quality.geometry import delta_geometry, mask_overlap, shira_support  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -228,31 +233,6 @@ def adapter_deltas(peft_model) -> dict[str, Any]:
             delta = module.get_delta_weight("default")
             deltas[name] = (delta.to_dense() if delta.is_sparse else delta).detach().clone()
     return deltas
-
-
-def shira_support(peft_model) -> dict[str, set[int]]:
-    """Module name -> flat indices of the SHiRA mask."""
-    support = {}
-    for name, module in peft_model.base_model.model.named_modules():
-        indices = getattr(module, "shira_indices", {}).get("default")
-        if indices is not None:
-            rows, cols = indices.long()
-            support[name] = set((rows * module.in_features + cols).tolist())
-    return support
-
-
-def mask_overlap(a: dict[str, set[int]], b: dict[str, set[int]]) -> float:
-    """|A ∩ B| / |A| over all layers (both masks have the same size K per layer)."""
-    return sum(len(a[n] & b[n]) for n in a) / sum(len(a[n]) for n in a)
-
-
-def delta_geometry(d1: dict[str, Any], d2: dict[str, Any]) -> dict[str, float]:
-    """Frobenius norms of two adapters' deltas over all layers, and their cosine: fusion interference grows with
-    how large the other adapter's delta is and how aligned the two are."""
-    dot = sum(float((d1[n] * d2[n]).sum()) for n in d1)
-    n1 = math.sqrt(sum(float(d.pow(2).sum()) for d in d1.values()))
-    n2 = math.sqrt(sum(float(d.pow(2).sum()) for d in d2.values()))
-    return {"delta_norm_task1": n1, "delta_norm_task2": n2, "delta_cosine": dot / (n1 * n2) if n1 and n2 else 0.0}
 
 
 class Scorer:
@@ -451,12 +431,6 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-o", "--output", required=True, type=Path,
@@ -497,12 +471,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         res = run_quality(size, corpora, Path(tmp))
     res["threads"] = args.threads
-    res["command"] = " ".join(["benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])
+    res["command"] = " ".join(["benchmarks/quality_tiny.py", *(argv if argv is not None else sys.argv[1:])])
     res["total_wall_s"] = time.perf_counter() - start
     res["total_cpu_s"] = time.process_time()  # wall time on a shared machine says more about the others
     table = markdown(res)
-    _atomic_write(args.output, json.dumps(res, indent=2) + "\n")
-    _atomic_write(args.output.with_suffix(".md"), table)
+    write_report(args.output, res, table)
     print(table)
     print(f"total wall time {res['total_wall_s']:.0f}s, CPU time {res['total_cpu_s']:.0f}s, {args.threads} thread(s); "
           f"wrote {args.output}")

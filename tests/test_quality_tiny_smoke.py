@@ -1,5 +1,6 @@
-"""benchmarks/quality.py end to end at toy size: real stdlib corpora, real pre-training, every method through
-train_adapter, fusion. Checks the result's structure and its sanity, not which method wins."""
+"""benchmarks/quality_tiny.py (the earlier tiny-model study) end to end at toy size: real stdlib corpora, real
+pre-training, every method through train_adapter, fusion. Checks the result's structure and its sanity, not which
+method wins."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_quality():
-    spec = importlib.util.spec_from_file_location("quality_bench", ROOT / "benchmarks" / "quality.py")
+    spec = importlib.util.spec_from_file_location("quality_bench", ROOT / "benchmarks" / "quality_tiny.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)

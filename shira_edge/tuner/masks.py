@@ -132,7 +132,8 @@ def make_mask_fn(kind: str, *, seed: int | None = 0,
 
 def gradient_scores(model: nn.Module, layers: Mapping[str, nn.Linear], batches: Iterable[torch.Tensor],
                     all_reduce: Callable[[torch.Tensor], None] | None = None) -> dict[nn.Module, torch.Tensor]:
-    """dL/dW of the causal-LM loss for each layer's weight, summed over `batches` (token id tensors).
+    """dL/dW of the causal-LM loss for each layer's weight, summed over `batches` (token id tensors, or dicts of
+    model inputs whose `labels` pick the tokens the loss is on, e.g. only the answers of prompt -> answer data).
 
     Only the target weights get gradients, so calibration costs one backward through the frozen model per
     batch. `all_reduce` (e.g. a torch.distributed sum) combines the sums of several ranks, so every rank builds
@@ -148,8 +149,9 @@ def gradient_scores(model: nn.Module, layers: Mapping[str, nn.Linear], batches: 
     was_training = model.training
     model.eval()  # no dropout: the same data gives the same mask
     try:
-        for input_ids in batches:
-            model(input_ids=input_ids, labels=input_ids).loss.backward()
+        for batch in batches:   # token ids (loss on every token), or model kwargs with their own labels
+            kwargs = batch if isinstance(batch, Mapping) else {"input_ids": batch, "labels": batch}
+            model(**kwargs).loss.backward()
         grads = {}
         for layer in layers.values():
             grad = layer.weight.grad if layer.weight.grad is not None else torch.zeros_like(layer.weight)
