@@ -95,6 +95,7 @@ def staged_output_dir(out_dir: str | Path, force: bool = False):
                     tmp.rename(out_dir)
                 except BaseException:
                     (old / "out").rename(out_dir)   # put the old OUT_DIR back before reporting the failure
+                    old.rmdir()
                     raise
                 shutil.rmtree(old, ignore_errors=True)
             else:

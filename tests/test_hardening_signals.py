@@ -189,3 +189,22 @@ def _kill_quietly(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def test_a_failed_final_rename_puts_the_old_out_dir_back(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old").write_text("the previous export")
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if self.name.startswith(".out.tmp-"):   # the new OUT_DIR's move into place
+            raise OSError(28, "No space left on device")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError, match="No space left"):
+        with staged_output_dir(out, force=True) as tmp:
+            (tmp / "new").write_text("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (out / "old").read_text() == "the previous export" and not (out / "new").exists()
