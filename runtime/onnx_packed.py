@@ -185,7 +185,7 @@ class PackedInPlace:
         root = pack_dir()
         remove_stale(root)
         work = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=root))
-        self.fd = None
+        self.fd, self._session = None, None
         try:
             saved_model, saved_data = save_packed(ort, model_path, make_options(), work, "model.pack")
             lap("save_packed_model")
@@ -201,6 +201,9 @@ class PackedInPlace:
                     if shape not in self.layouts:
                         self.layouts[shape] = probe_layout(ort, *shape, make_options, work)
             lap("layout_probes")
+        except BaseException:
+            self.close()
+            raise
         finally:
             shutil.rmtree(work, ignore_errors=True)   # the session and the mapping keep the data alive
         self._originals = {}   # tensor -> (offset, length) of its unpacked copy in the cache file
@@ -219,13 +222,17 @@ class PackedInPlace:
             self._tensor_of_start[offset // 4] = entry["tensor"]
             return offset // 4, packing
 
-        self.slots = slots_from(place)
-        self.verify_layout()
-        lap("verify_layout")
-        self.freed_bytes = self.release_originals(logits_of, probe_ids)
-        lap("release_originals")
-        self.self_test(logits_of, probe_ids)
-        lap("self_test")
+        try:
+            self.slots = slots_from(place)
+            self.verify_layout()
+            lap("verify_layout")
+            self.freed_bytes = self.release_originals(logits_of, probe_ids)
+            lap("release_originals")
+            self.self_test(logits_of, probe_ids)
+            lap("self_test")
+        except BaseException:   # the fallback takes over: free the session and the tmpfs file now, not at GC
+            self.close()
+            raise
         self.start_timings["total"] = round(clock[-1] - clock[0], 3)
 
     # The switch needs nothing from the session: the scatter wrote into the weights it computes from.
@@ -305,10 +312,7 @@ class PackedInPlace:
             raise PackedPathUnavailable(f"self-test: restoring {slot.name} did not give the base output back")
 
     def close(self) -> None:
-        self._session = None
-        flat, self.flat = getattr(self, "flat", None), None
-        if flat is not None and getattr(flat, "_mmap", None) is not None:
-            del flat
+        self._session = self.flat = None   # the mapping goes with its last reference; the tmpfs file with the fd
         fd, self.fd = self.fd, None
         if fd is not None:
             os.close(fd)
