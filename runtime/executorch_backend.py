@@ -9,7 +9,8 @@ cannot be proven to work, into a private copy of model.ptd followed by a reload 
 - "reload" (`ReloadProgram`, the proven path): a private `bytes` copy of the .ptd is `flat`, in the export's own
   layout; a switch is the scatter plus a reload through the Python bindings, which makes XNNPACK repack. Used when
   the packed path is unavailable (no compiler, another executorch, a failed layout check or self-test), which is
-  said once per reason, or when asked for with `in_place=False` (e.g. the LoRA-fusion baseline of the bench).
+  said once per reason (a PackedPathWarning), or when asked for with `in_place=False` (e.g. the LoRA-fusion
+  baseline of the bench).
 
 Stale packed weights: XNNPACK's weight cache finds entries by name only, so a reload over a kept cache would be
 served the old (or patched) packing. The reload path never uses the cache: the bindings' loads do not ask for it,
@@ -35,9 +36,11 @@ _SAID: set[str] = set()   # fallback reasons already reported in this process
 
 
 def _say_once(message: str) -> None:
+    from .onnx_backend import PackedPathWarning   # one warning class for both backends' fallbacks (stdlib only)
+
     if message not in _SAID:
         _SAID.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warnings.warn(message, PackedPathWarning, stacklevel=3)
 
 
 class ExecuTorchBackend:

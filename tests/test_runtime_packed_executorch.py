@@ -17,6 +17,7 @@ from shira_edge.bench.adapters import random_shira
 from shira_edge.runtime import Runtime, et_compat, et_native, et_packed, executorch_backend
 from shira_edge.runtime.et_packed import XnnpackPackedFC
 from shira_edge.runtime.manifest import read_manifest
+from shira_edge.runtime.onnx_backend import PackedPathWarning
 from shira_edge.runtime.shira_format import write_shira
 from tests.test_runtime_switch import exports  # noqa: F401  (the session's tiny exports)
 
@@ -127,7 +128,7 @@ def fresh_warnings(monkeypatch):
 def test_failed_self_test_falls_back_to_reloading_and_never_sees_a_patched_cache(packed, shiras, et_dir,
                                                                                 monkeypatch, fresh_warnings):
     monkeypatch.setattr(et_packed, "SELF_TEST_DELTA", np.float32(0.0))   # the patch cannot move the output
-    with pytest.warns(RuntimeWarning, match="did not change the output.*falling back to reloading"):
+    with pytest.warns(PackedPathWarning, match="did not change the output.*falling back to reloading"):
         rt = Runtime(et_dir)
     with rt:
         assert rt.switch_path == "reload" and "did not change the output" in rt.switch_fallback_reason
@@ -144,7 +145,7 @@ def test_failed_self_test_falls_back_to_reloading_and_never_sees_a_patched_cache
 
 def test_a_layout_not_found_here_falls_back(et_dir, monkeypatch, fresh_warnings):
     monkeypatch.setattr(et_packed, "NR_CANDIDATES", (8,))   # as if this CPU's kernels packed 8 outputs per block
-    with pytest.warns(RuntimeWarning, match="matches no known XNNPACK layout"):
+    with pytest.warns(PackedPathWarning, match="matches no known XNNPACK layout"):
         with Runtime(et_dir) as rt:
             assert rt.switch_path == "reload"
 
@@ -153,7 +154,7 @@ def test_without_a_compiler_the_runtime_falls_back(et_dir, monkeypatch, tmp_path
     monkeypatch.setenv("SHIRA_EDGE_CACHE", str(tmp_path))
     monkeypatch.setattr(et_native, "_LIB", None)
     monkeypatch.setattr(et_native, "build_command", lambda out: ["false"])
-    with pytest.warns(RuntimeWarning, match="building shira_et.cpp with g\\+\\+ failed"):
+    with pytest.warns(PackedPathWarning, match="building shira_et.cpp with g\\+\\+ failed"):
         with Runtime(et_dir) as rt:
             assert rt.switch_path == "reload"
     assert not list(tmp_path.rglob("*.so"))     # nothing half-built is left to load
