@@ -218,6 +218,31 @@ def test_a_program_that_switches_and_exits_exits_cleanly(onnx_dir, shiras, polic
         assert p.returncode == 0, err.decode()[-500:]
 
 
+KILLED = """
+import os, signal, sys
+from shira_edge.runtime import Runtime
+rt = Runtime(sys.argv[1], threads=1)
+rt.switch(sys.argv[2])
+print(os.getpid(), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)   # dies with the adapter live in its pack cache
+"""
+
+
+def test_a_runtime_killed_mid_adapter_leaves_nothing_and_the_next_start_is_the_base(onnx_dir, rt, shiras):
+    proc = subprocess.run([sys.executable, "-c", KILLED, str(onnx_dir), str(shiras["a"])], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == -9, proc.stderr[-500:]
+    pid, root = int(proc.stdout.split()[0]), onnx_packed.pack_dir()
+    assert not list(root.glob(f"{onnx_packed.PREFIX}{pid}-*"))        # unlinked right after start-up
+    stale = root / f"{onnx_packed.PREFIX}{pid}-left-by-a-crash"      # as if it had died during start-up
+    stale.mkdir()
+    (stale / "model.pack").write_bytes(b"patched")
+    with Runtime(onnx_dir, threads=1) as fresh:
+        assert not stale.exists()
+        assert fresh.switch_path == "packed-in-place"
+        assert fresh.run(IDS).tobytes() == rt.run(IDS).tobytes()   # the base model, not the killed one's state
+
+
 # ---------------------------------------------------------------- the weight map (runtime/layout.py)
 
 
