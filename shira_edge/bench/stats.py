@@ -14,6 +14,7 @@ median of those per-round ratios.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import statistics
@@ -28,7 +29,33 @@ def summarize(samples: list[float]) -> dict:
         raise ValueError("no samples to summarize")
     p25, _, p75 = statistics.quantiles(samples, n=4) if len(samples) > 1 else (samples[0],) * 3
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "p25": p25, "p75": p75,
-            "n": len(samples), "samples": list(samples)}
+            "median_ci95": median_ci(samples), "n": len(samples), "samples": list(samples)}
+
+
+def median_ci(samples: list[float], confidence: float = 0.95) -> list[float]:
+    """Distribution-free confidence interval of the median: order statistics j and n-1-j, the narrowest pair that
+    holds the median with at least `confidence` (binomial(n, 1/2)); the whole range when n is too small.
+
+    >>> median_ci(list(range(25)))        # ranks 7 and 17 of 25 (coverage 0.957)
+    [7, 17]
+    """
+    xs, n = sorted(samples), len(samples)
+    for j in range(n // 2, -1, -1):
+        if sum(math.comb(n, i) for i in range(j, n - j)) / 2 ** n >= confidence:
+            return [xs[j], xs[n - 1 - j]]
+    return [xs[0], xs[-1]]
+
+
+def resummarize(obj):
+    """A result read back from bench.json with every summary recomputed from its raw samples (new statistics for
+    old runs, without measuring again)."""
+    if isinstance(obj, dict):
+        if "samples" in obj and "median" in obj:
+            return summarize(obj["samples"])
+        return {k: resummarize(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [resummarize(v) for v in obj]
+    return obj
 
 
 def paired_ratio(numerator: list[float], denominator: list[float]) -> dict:
