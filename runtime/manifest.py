@@ -24,7 +24,7 @@ Schema (format_version 1):
          "patchable": true,                 # false: e.g. tied lm_head; the runtime refuses adapters that target it
          "note": null}                      # e.g. "tied to model.decoder.embed_tokens.weight"
       ],
-      "io": {"inputs": [...], "outputs": [...], "cache": {...}},   # backend-specific, documented by the exporter
+      "io": {"vocab_size": V, "cache": {...}, ...},   # backend-specific, documented by the exporter
       "files": {...},                       # backend-specific: model file, data file, tokenizer dir, ...
       "export": {...}                       # free-form: versions, timings, parity figures
     }
@@ -330,7 +330,7 @@ def _token_id(vocab):
 
 def _check_io(c: _Checker, backend: str, io: dict) -> None:
     vocab = c.get(io, "vocab_size", "io.vocab_size", lambda v: _is_int(v) and 1 <= v <= MAX_DIM,
-                  "a positive integer", default=None)
+                  "a positive integer")   # every exporter writes it; the runtime refuses token ids against it
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         c.get(io, key, f"io.{key}", _token_id(vocab), f"a token id (or list of ids) below io.vocab_size {vocab}", default=None)
     cache = c.get(io, "cache", "io.cache", lambda v: isinstance(v, dict), "an object")

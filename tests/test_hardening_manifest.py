@@ -184,6 +184,7 @@ CASES = {
                                                      "regular file or directory"]),
     "tensor-not-in-graph": (_tensor_missing, "fp", [".tensor: 'no_such_initializer' is not in model.onnx"]),
     "fingerprint": (_set("fingerprint", "sha256:" + "0" * 64), "as-is", ["fingerprint: sha256:000", "re-export"]),
+    "vocab-size-missing": (_delete("io.vocab_size"), "fp", ["io.vocab_size: missing"]),
     "vocab-size-zero": (_set("io.vocab_size", 0), "fp", ["io.vocab_size: 0 is not a positive integer"]),
     "eos-outside-vocab": (_set("io.eos_token_id", 512), "fp", ["io.eos_token_id: 512 is not a token id"]),
     "cache-heads-missing": (_delete("io.cache.num_heads"), "fp", ["io.cache.num_heads: missing"]),
