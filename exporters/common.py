@@ -12,6 +12,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..runtime.orphans import remove_orphans, temp_prefix
+
 
 class ExportError(RuntimeError):
     """An export failed; the message says what and what to do. OUT_DIR is left as it was."""
@@ -72,7 +74,7 @@ def staged_output_dir(out_dir: str | Path, force: bool = False):
     Building beside the target (same filesystem) makes the final rename atomic, so a failed or interrupted export
     never leaves a partial OUT_DIR. Interrupts unwind through here: Ctrl-C, and SIGTERM (sigterm_unwinds). SIGKILL
     cannot be caught; the temp dir it leaves carries the pid that made it and is removed by the next export to the
-    same OUT_DIR once that process is gone.
+    same OUT_DIR once that process is gone (runtime/orphans.py).
     """
     out_dir = Path(out_dir).expanduser().resolve()
     if out_dir.exists() and not force:
@@ -81,15 +83,15 @@ def staged_output_dir(out_dir: str | Path, force: bool = False):
     with sigterm_unwinds():
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            _remove_orphans(parent, out_dir.name)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=parent))
+            remove_orphans(parent, out_dir.name)
+            tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out_dir.name), dir=parent))
             usual_permissions(tmp)  # mkdtemp makes it private (0700); OUT_DIR should get what mkdir would give
         except OSError as exc:
             raise ExportError(f"cannot write to {parent}: {exc.strerror or exc}; choose a writable -o path") from None
         try:
             yield tmp
             if out_dir.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-{os.getpid()}-", dir=parent))
+                old = Path(tempfile.mkdtemp(prefix=temp_prefix(out_dir.name, "old"), dir=parent))
                 out_dir.rename(old / "out")
                 try:
                     tmp.rename(out_dir)
@@ -103,30 +105,6 @@ def staged_output_dir(out_dir: str | Path, force: bool = False):
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-
-
-def _remove_orphans(parent: Path, name: str) -> None:
-    """Temp dirs of `name` left by processes that no longer run (SIGKILL, power loss). An orphaned old dir is
-    removed only once OUT_DIR exists: without OUT_DIR it may hold the only copy."""
-    for entry in parent.iterdir():
-        if not entry.name.startswith(f".{name}."):
-            continue
-        kind, _, rest = entry.name[len(name) + 2:].partition("-")
-        pid = rest.partition("-")[0]
-        if kind == "old" and not (parent / name).exists():
-            continue
-        if kind in ("tmp", "old") and pid.isdigit() and entry.is_dir() and not _alive(int(pid)):
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:   # someone else's process
-        return True
-    return True
 
 
 def manifest_head(backend: str, info, weights: list[dict]) -> dict:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from .fingerprint import base_fingerprint
+from .orphans import remove_orphans, temp_prefix
 from .untrusted import open_regular, printable
 
 MAGIC = b"\x89SHIRA\r\n"   # high byte and CR LF catch 7-bit and text-mode transfers, as PNG's magic does
@@ -284,7 +285,8 @@ def write_shira(path: str | os.PathLike, adapter: ShiraAdapter) -> Path:
     """Encode and write atomically: a temp file in the same directory, fsync, then os.replace."""
     path = Path(path)
     blob = encode_shira(adapter)  # before touching the filesystem: a bad adapter leaves nothing behind
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_orphans(path.parent, path.name)   # temp files of writers that were killed (SIGKILL)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(blob)

@@ -1,6 +1,6 @@
 """SIGTERM, SIGINT and SIGKILL in the middle of `pack`, `export` and `train`: the output never appears half-written,
-and TERM/INT leave nothing behind (no hidden temp file or dir). A SIGKILLed export/train leaves its temp dir, which
-cannot be helped; the next export to the same OUT_DIR removes it.
+and TERM/INT leave nothing behind (no hidden temp file or dir). A SIGKILLed run leaves its temp output, which cannot
+be helped; the next write to the same output removes it (runtime/orphans.py).
 
 Each run is the real CLI in a subprocess, held at the moment its temp output exists (after the .shira temp file is
 written and fsync'ed; after the export's model is loaded into its temp dir's build; after train saved the adapter
@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from shira_edge.exporters.common import staged_output_dir
+from shira_edge.runtime.shira_format import make_adapter, make_target, write_shira
 
 # One process imports the CLI and its libraries once, then forks one child per run: a run starts in milliseconds
 # instead of seconds of imports. Nothing has computed before the fork (no thread pools yet), so forking is safe.
@@ -176,12 +177,15 @@ def test_a_signal_mid_write_leaves_no_partial_output(command, tmp_path, peft_dir
         assert not out.exists(), sig
         if sig != "SIGKILL":
             assert list(work.iterdir()) == [], sig
-        elif command != "pack":   # the next run to the same OUT_DIR removes what the killed one left
+        else:   # the next write to the same output removes what the killed run left
             leftovers = _hidden(work)
-            assert leftovers and all(".out.tmp-" in n for n in leftovers)
-            with staged_output_dir(out) as tmp:
-                (tmp / "file").write_text("x")
-            assert sorted(p.name for p in work.iterdir()) == ["out"]
+            assert leftovers and all(n.startswith(f".{out.name}.tmp-{pid}-") for n in leftovers), leftovers
+            if command == "pack":
+                write_shira(out, make_adapter("m", [make_target("w", (2, 2), [0], [1.0], base_digest="0" * 64)]))
+            else:
+                with staged_output_dir(out) as tmp:
+                    (tmp / "file").write_text("x")
+            assert sorted(p.name for p in work.iterdir()) == [out.name]
 
 
 def _kill_quietly(pid: int) -> None:
