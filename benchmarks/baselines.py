@@ -221,7 +221,7 @@ def time_onnx(genai: Path | None, onnx: Path | None, samples: int, warmup: int) 
         engines["shira-edge graph, ORT defaults"] = Loaded("onnxruntime", onnx, manifest, 1)
         engines["shira-edge graph, its level"] = Loaded("onnxruntime", onnx, manifest, 1,
                                                         level=manifest["files"]["graph_optimization_level"])
-        engines["shira-edge Runtime.step"] = Runtime(onnx, threads=1)
+        engines["shira-edge Runtime, step()"] = Runtime(onnx, threads=1)
     results = {}
     for kind in kinds():
         modes, setup = {}, {}
@@ -250,7 +250,7 @@ def time_et(et_llm: Path | None, et: Path | None, samples: int, warmup: int) -> 
 
 
 def _summaries(samples: dict[str, list[float]]) -> dict:
-    names = [n for n in samples if "." not in n]
+    names = [n for n in samples if "." not in n]   # "<mode>.<part>" lists are sub-timings (stats.interleave)
     out = {n: summarize(samples[n]) for n in names}
     for n in names[1:]:
         out[n]["ratio_to_first"] = paired_ratio(samples[n], samples[names[0]])
