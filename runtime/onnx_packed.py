@@ -193,7 +193,9 @@ class PackedInPlace:
             lap("packed_session")
             self.fd = os.open(saved_data, os.O_RDWR)
             self.flat = np.memmap(saved_data, dtype="<f4", mode="r+")
-            inits = {i.name: i for i in onnx_proto.initializers(saved_model.read_bytes())}
+            saved = saved_model.read_bytes()
+            inits = {i.name: i for i in onnx_proto.initializers(saved)}
+            readers = onnx_proto.consumers(saved)
             self.layouts = {}   # (K, N) -> (packing, closed form?)
             for w in manifest_weights:
                 if w["patchable"]:
@@ -218,7 +220,8 @@ class PackedInPlace:
             if packing is None or packing.size * 4 != length:
                 raise PackedPathUnavailable(f"{entry['tensor']}: packed blob of {length} bytes does not match "
                                             f"the probed layout of shape {init.dims}")
-            self._originals[entry["tensor"]] = (int(init.external["offset"]), int(init.external["length"]))
+            if set(readers.get(entry["tensor"], ())) == {"MatMul"}:   # only then is the original dead after packing
+                self._originals[entry["tensor"]] = (int(init.external["offset"]), int(init.external["length"]))
             self._tensor_of_start[offset // 4] = entry["tensor"]
             return offset // 4, packing
 
@@ -282,13 +285,15 @@ class PackedInPlace:
                                             f"probed on this machine")
 
     def release_originals(self, logits_of, ids) -> int:
-        """Punch holes over the unpacked copies of the patchable tensors (the session reads only the packed ones);
-        write them back if the logits change. Returns the bytes freed."""
+        """Punch holes over the unpacked copies of the patchable tensors that only MatMuls read (those read only the
+        packed copy once the session exists); write them back if the logits change. Returns the bytes freed."""
         before = logits_of(self._session, ids)
         page = os.sysconf("SC_PAGE_SIZE")
         freed = sum(punch_hole(self.fd, o, o + n, page) for o, n in self._originals.values())
         if freed and not np.array_equal(logits_of(self._session, ids), before):
             for slot in self.tensors():   # the originals are the export's tensors: read them back from there
+                if self._tensor_of_start[slot.start] not in self._originals:
+                    continue
                 o, n = self._originals[self._tensor_of_start[slot.start]]
                 self.flat[o // 4: (o + n) // 4] = np.fromfile(slot.file, "<f4", n // 4, offset=slot.offset)
             freed = 0

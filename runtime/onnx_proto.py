@@ -8,6 +8,8 @@ ORT's packed layout. Field numbers are onnx.proto's (ModelProto.graph = 7, Graph
     >>> model = matmul_model(k=2, n=3, weight=np.arange(6, dtype=np.float32))
     >>> [(t.name, t.dims) for t in initializers(model)]
     [('W', [2, 3])]
+    >>> consumers(model)
+    {'X': ['MatMul'], 'W': ['MatMul']}
 """
 
 from __future__ import annotations
@@ -98,6 +100,23 @@ def initializers(model: bytes) -> list[Initializer]:
                     entry = {n: bytes(v).decode() for n, _, v in fields(value)}
                     init.external[entry.get(1, "")] = entry.get(2, "")
             out.append(init)
+    return out
+
+
+def consumers(model: bytes) -> dict[str, list[str]]:
+    """tensor name -> op types of the main-graph nodes that read it."""
+    out: dict[str, list[str]] = {}
+    for number, _, graph in fields(model):
+        if number != 7:
+            continue
+        for gnum, _, node in fields(graph):
+            if gnum != 1:
+                continue
+            parts = list(fields(node))
+            op = next((bytes(v).decode() for n, _, v in parts if n == 4), "")
+            for n, _, v in parts:
+                if n == 1:
+                    out.setdefault(bytes(v).decode(), []).append(op)
     return out
 
 
