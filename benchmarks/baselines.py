@@ -5,8 +5,9 @@
     python benchmarks/baselines.py build-et-llm --model smollm2-135m -o /tmp/smollm2/et-llm
     shira-edge export --model smollm2-135m -o /tmp/smollm2/onnx
     shira-edge export --model smollm2-135m --format executorch -o /tmp/smollm2/et
+    shira-edge export --from /tmp/smollm2/genai --model smollm2-135m -o /tmp/smollm2/from-genai
     python benchmarks/baselines.py time --genai /tmp/smollm2/genai --onnx /tmp/smollm2/onnx \\
-        --et-llm /tmp/smollm2/et-llm --et /tmp/smollm2/et -o /tmp/smollm2/baselines.json
+        --from-genai /tmp/smollm2/from-genai --et-llm /tmp/smollm2/et-llm --et /tmp/smollm2/et -o /tmp/smollm2/baselines.json
 
 ONNX: (a) onnxruntime-genai's model builder graph, run by onnxruntime_genai itself and by a plain ORT session (ORT
 defaults, and the options shira-edge's runtime needs to patch weights in place: prepacking off, EXTENDED); (b)
@@ -207,11 +208,11 @@ class EtLlmProgram:
 
 # ------------------------------------------------------------------------------------------------ timing
 
-def time_onnx(genai: Path | None, onnx: Path | None, samples: int, warmup: int) -> dict:
+def time_onnx(genai: Path | None, onnx: Path | None, samples: int, warmup: int, from_genai: Path | None = None) -> dict:
     from shira_edge.runtime import Runtime
     from shira_edge.runtime.manifest import read_manifest
 
-    engines = {}
+    engines, manifests = {}, {}
     if genai:
         engines["genai runtime (onnxruntime_genai)"] = GenaiRuntime(genai, 1)
         engines["genai graph, ORT defaults"] = GenaiGraph(genai, 1)
@@ -222,12 +223,16 @@ def time_onnx(genai: Path | None, onnx: Path | None, samples: int, warmup: int) 
         engines["shira-edge graph, its level"] = Loaded("onnxruntime", onnx, manifest, 1,
                                                         level=manifest["files"]["graph_optimization_level"])
         engines["shira-edge Runtime, step()"] = Runtime(onnx, threads=1)
+        manifests["shira-edge Runtime, step()"] = manifest
+    if from_genai:   # the builder's graph behind shira-edge's runtime: `export --from` output
+        manifests["genai graph, Runtime step() (export --from)"] = read_manifest(from_genai)
+        engines["genai graph, Runtime step() (export --from)"] = Runtime(from_genai, threads=1)
     results = {}
     for kind in kinds():
         modes, setup = {}, {}
         for name, engine in engines.items():
             if isinstance(engine, Runtime):
-                modes[name] = stepper(engine, manifest, kind)
+                modes[name] = stepper(engine, manifests[name], kind)
             else:
                 modes[name] = engine.call(kind)
             if isinstance(engine, GenaiRuntime):
@@ -287,7 +292,7 @@ def main() -> int:
         p.add_argument("-o", "--out", type=Path, required=True)
     e.add_argument("--max-seq-len", type=int, default=256)
     t = sub.add_parser("time", help="time the given folders, interleaved, 1 thread")
-    for flag in ("--genai", "--onnx", "--et-llm", "--et"):
+    for flag in ("--genai", "--onnx", "--from-genai", "--et-llm", "--et"):
         t.add_argument(flag, type=Path)
     t.add_argument("--samples", type=int, default=15)
     t.add_argument("--warmup", type=int, default=2)
@@ -299,7 +304,8 @@ def main() -> int:
     elif args.cmd == "build-et-llm":
         build_et_llm(args.model, args.out, args.max_seq_len)
     else:
-        results = {"onnx": time_onnx(args.genai, args.onnx, args.samples, args.warmup) if args.genai or args.onnx
+        onnx = args.genai or args.onnx or args.from_genai
+        results = {"onnx": time_onnx(args.genai, args.onnx, args.samples, args.warmup, args.from_genai) if onnx
                    else {},
                    "executorch": time_et(args.et_llm, args.et, args.samples, args.warmup) if args.et_llm or args.et
                    else {}}
