@@ -58,7 +58,8 @@ def test_train_writes_a_peft_adapter_and_the_sidecar(snip_adapter):
     sidecar = json.loads((out / "shira_edge.json").read_text())
     assert set(sidecar) == SIDECAR_KEYS
     assert sidecar["base_model"] == {"name": "tiny-opt", "source": "shira_edge/configs/tiny-opt.json",
-                                     "architecture": "OPTForCausalLM", "weights": "random-init", "seed": 0}
+                                     "architecture": "OPTForCausalLM", "weights": "random-init", "seed": 0,
+                                     "provenance": None}
     assert (sidecar["method"], sidecar["mask"], sidecar["mask_seed"], sidecar["r"], sidecar["steps"]) == \
         ("shira", "snip", 0, 4, 6)
     assert sidecar["target_modules"] == ["q_proj", "v_proj"] and sidecar["tokenizer"] == "byte-level"
