@@ -135,3 +135,16 @@ def test_a_smaller_run_is_labelled_reduced_with_what_was_cut():
     assert "methods ('lora', 'shira-wm')" in plan.reduced and "seeds (0,) (full: (0, 1))" in plan.reduced
     _, args = cli.parse(["--threads", "2", "-o", "/tmp/x.json"])    # how it runs is no cut
     assert cli.make_plan(args).reduced is None
+
+
+def test_the_full_study_estimate_comes_from_measured_times(result):
+    import dataclasses
+
+    from shira_edge.quality.study import FULL, estimate_seconds
+
+    est = estimate_seconds(result, FULL)
+    longer = estimate_seconds(result, dataclasses.replace(FULL, steps=2 * FULL.steps))
+    assert 0 < est["train_s"] < longer["train_s"] and est["total_s"] == pytest.approx(
+        est["train_s"] + est["fusion_and_eval_s"])
+    steps = sum(r["step_s_median"] for r in result["runs"])
+    assert longer["train_s"] - est["train_s"] > steps   # FULL trains more runs, each FULL.steps steps longer

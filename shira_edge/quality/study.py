@@ -38,7 +38,7 @@ class Plan:
     methods: tuple[str, ...] = METHODS
     targets: tuple[str, ...] = ALL_TARGETS
     r: int = 4                           # SmolLM2-135M: 1.15 % of the targeted weights
-    steps: int = 64
+    steps: int = 48
     batch: int = 8
     lrs: tuple[float, ...] = (1e-3, 3e-3)
     sweep_tasks: tuple[str, ...] = ("translate",)
@@ -130,6 +130,7 @@ def run_study(plan: Plan, work: Path, progress: Callable[[str], None] = log) -> 
         base_device = None
 
     runs: list[dict[str, Any]] = []
+    startup_s = time.perf_counter() - t0
 
     def fit(label: str, task: str, lr: float, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
         start = time.perf_counter()
@@ -145,11 +146,13 @@ def run_study(plan: Plan, work: Path, progress: Callable[[str], None] = log) -> 
                 save_adapter(trained.peft_model, _sidecar(info, label, plan, trained.steps), keep["adapter_dir"],
                              force=True)
         keep["deltas"] = lab.release(trained)
+        scoring = time.perf_counter()
         val = lab.score(data[task]["val"], [keep["deltas"]], batch_size=plan.eval_batch)
+        val_s = time.perf_counter() - scoring
         row = {"task": task, "label": label, "lr": lr, "seed": seed, "val": val.to_json(),
                "trainable": trained.trainable, "density": trained.trainable / trained.targeted,
                "steps": trained.steps, "batch": plan.batch, "train_s": trained.train_s,
-               "train_cpu_s": trained.train_cpu_s, "step_s_median": statistics.median(trained.step_s),
+               "train_cpu_s": trained.train_cpu_s, "val_s": val_s, "step_s_median": statistics.median(trained.step_s),
                "wall_s": time.perf_counter() - start}
         runs.append(row)
         progress(f"[{len(runs)}] {task:<9} {label:<12} lr {lr:g} seed {seed}: val exact {val.exact:.1%} loss "
@@ -198,6 +201,7 @@ def run_study(plan: Plan, work: Path, progress: Callable[[str], None] = log) -> 
         "best_lr": best_lr,
         "runs": runs,
         "fusion": fusion,
+        "startup_s": startup_s,
         "wall_s": time.perf_counter() - t0,
         "cpu_s": time.process_time() - c0,
     }
@@ -215,6 +219,7 @@ def _rate(correct: list[bool]) -> float:
 
 def _fuse(plan, lab, data, label, seed, kept, device, base_dir, work, progress) -> dict[str, Any]:
     """Alone vs fused (scale 1.0 and the best of the grid on val) for one method and seed."""
+    start, pack_s = time.perf_counter(), 0.0
     t1, t2 = plan.tasks[:2]
     d1, d2 = kept[t1][1]["deltas"], kept[t2][1]["deltas"]
     row: dict[str, Any] = {"label": label, "seed": seed, "lr": {t: kept[t][0]["lr"] for t in (t1, t2)},
@@ -239,9 +244,11 @@ def _fuse(plan, lab, data, label, seed, kept, device, base_dir, work, progress) 
         from shira_edge.commands.pack import pack_adapter
 
         shira = {}
+        packing = time.perf_counter()
         for t in (t1, t2):
             shira[t] = work / "adapters" / f"{label}-{t}-seed{seed}.shira"
             pack_adapter(kept[t][1]["adapter_dir"], shira[t], model=str(base_dir))
+        pack_s = time.perf_counter() - packing
         pair = [str(shira[t1]), str(shira[t2])]
         for t in (t1, t2):
             alone = device.exact(data[t]["test"], str(shira[t]))
@@ -254,6 +261,7 @@ def _fuse(plan, lab, data, label, seed, kept, device, base_dir, work, progress) 
                 "agreement_fused": _agree(fused[0], torch_correct[t][0].correct),
                 "agreement_fused_best": _agree(fused_best[0], torch_correct[t][1].correct),
                 "first_token_agreement": _agree(fused[1], torch_correct[t][0].first)}
+    row["wall_s"], row["pack_s"] = time.perf_counter() - start, pack_s
     progress(f"  fused {label:<12} seed {seed}: " + "; ".join(
         f"{t} {row[t]['alone']['exact']:.1%} -> {row[t]['fused']['exact']:.1%} (x{best:g}: "
         f"{row[t]['fused_best']['exact']:.1%})" + (f", runtime {row[t]['device']['fused']:.1%}"
@@ -369,17 +377,25 @@ def _mean_drop(a1: float, f1: float, a2: float, f2: float) -> str:
 
 
 def estimate_seconds(res: dict[str, Any], plan: Plan) -> dict[str, float]:
-    """How long `plan` would take, from this run's measured per-step times (per method) and evaluation rate."""
+    """How long `plan` would take, from this run's measured times: per-step seconds per method, the per-run overhead
+    (merge, calibration, saving; validation scaled by its size), each fusion's evaluation (scaled by the
+    val + test size; packing not) and the start-up (model, base scores, runtime)."""
+    done = res["plan"]
     per_step = {name: statistics.median(r["step_s_median"] for r in res["runs"] if r["label"] == name)
                 for name in res["best_lr"]}
-    overhead = statistics.median(r["wall_s"] - r["train_s"] for r in res["runs"])  # val eval, merge, calibration
+    fallback = max(per_step.values())   # a method this run did not measure costs the dearest measured one
+    overhead = statistics.median(r["wall_s"] - r["train_s"] - r["val_s"] + r["val_s"] * plan.n_val / done["n_val"]
+                                 for r in res["runs"])
     runs_per_method = len(plan.sweep_tasks) * len(plan.lrs) + (len(plan.tasks) - len(plan.sweep_tasks)) + \
         len(plan.tasks) * (len(plan.seeds) - 1)
-    train = sum(runs_per_method * (plan.steps * per_step.get(m, max(per_step.values())) + overhead)
-                for m in plan.methods)
-    measured_fusion = res["wall_s"] - sum(r["wall_s"] for r in res["runs"])
-    fusion_per_pair = measured_fusion / max(len(res["fusion"]), 1)
-    n_tests = res["plan"]["n_test"] + res["plan"]["n_val"]
-    scale = (plan.n_test + plan.n_val) / max(n_tests, 1)
-    fusion = len(plan.methods) * len(plan.seeds) * fusion_per_pair * scale
-    return {"train_s": train, "fusion_and_eval_s": fusion, "total_s": train + fusion}
+    train = sum(runs_per_method * (plan.steps * per_step.get(m, fallback) + overhead) for m in plan.methods)
+    scale = (plan.n_test + plan.n_val) / (done["n_test"] + done["n_val"])
+    fusion_by_kind = {}
+    for r in res["fusion"]:
+        fusion_by_kind.setdefault(r["label"].startswith("shira-"), []).append((r["wall_s"] - r["pack_s"]) * scale
+                                                                             + r["pack_s"])
+    dearest = max(statistics.mean(v) for v in fusion_by_kind.values())
+    fusion = sum(statistics.mean(fusion_by_kind.get(m.startswith("shira-"), [dearest])) for m in plan.methods) * \
+        len(plan.seeds)
+    startup = res["startup_s"] * (1 + scale) / 2   # about half of it is scoring the base on val + test
+    return {"train_s": train, "fusion_and_eval_s": fusion + startup, "total_s": train + fusion + startup}
