@@ -169,7 +169,8 @@ def run_study(plan: Plan, work: Path, progress: Callable[[str], None] = log) -> 
         best_lr[label] = {}
         for seed in plan.seeds:
             kept = {}
-            for k, task in enumerate(plan.tasks):
+            # the sweep tasks first: the others reuse the lr chosen there
+            for k, task in sorted(enumerate(plan.tasks), key=lambda kt: kt[1] not in plan.sweep_tasks):
                 task_seed = seed + TASK_SEED_OFFSET * k
                 if seed == plan.seeds[0] and task in plan.sweep_tasks:
                     best = None
