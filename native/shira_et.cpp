@@ -14,6 +14,7 @@
 #include <executorch/runtime/platform/platform.h>
 #include <executorch/runtime/platform/runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -24,7 +25,8 @@ namespace executorch::extension::threadpool {
 // The wheel ships the library but not this header; the one member used here, declared as the library defines it.
 class ThreadPool {
  public:
-  void _unsafe_reset_threadpool(unsigned num_threads);
+  size_t get_thread_count() const;
+  bool _unsafe_reset_threadpool(unsigned num_threads);
 };
 ThreadPool* get_threadpool();
 }  // namespace executorch::extension::threadpool
@@ -40,6 +42,7 @@ using executorch::runtime::Span;
 namespace {
 
 constexpr const char* kXnnpack = "XnnpackBackend";
+std::atomic<int> g_live_programs{0};   // loaded by this runner and not freed
 
 struct Handle {
   std::unique_ptr<Module> module;
@@ -86,10 +89,22 @@ int shira_et_get_default_weight_cache(int* enabled) {
   return 0;
 }
 
-void shira_et_set_threads(int threads) {
-  if (threads > 0) {
-    executorch::extension::threadpool::get_threadpool()->_unsafe_reset_threadpool(threads);
+// Resize ExecuTorch's process-wide thread pool. Every XNNPACK runtime keeps a pointer to the pool it was created
+// with, and a reset destroys that pool, so a reset while any program is loaded leaves it a dangling pointer (heap
+// corruption, measured). So: nothing if the size is right; refused (returns the current size, not `threads`) while
+// programs of this runner are loaded. The caller cannot see programs the Python bindings loaded; see et_native.
+int shira_et_set_threads(int threads) {
+  auto* pool = executorch::extension::threadpool::get_threadpool();
+  int now = static_cast<int>(pool->get_thread_count());
+  if (threads <= 0 || threads == now || g_live_programs.load() > 0) {
+    return now;
   }
+  pool->_unsafe_reset_threadpool(threads);
+  return static_cast<int>(pool->get_thread_count());
+}
+
+int shira_et_threads() {
+  return static_cast<int>(executorch::extension::threadpool::get_threadpool()->get_thread_count());
 }
 
 // Load `forward` of pte + ptd (both mapped read-only). cache_path: if not empty, XNNPACK packs this load's weights
@@ -118,6 +133,7 @@ void* shira_et_load(const char* pte, const char* ptd, const char* cache_path, ch
     say(err, errlen, "%s: loading method forward failed (executorch error %ld)", pte, static_cast<long>(e));
     return nullptr;
   }
+  g_live_programs.fetch_add(1);
   return h.release();
 }
 
@@ -147,7 +163,10 @@ int shira_et_forward(void* handle, const int64_t* tokens, int64_t n, int64_t sta
 }
 
 void shira_et_free(void* handle) {
-  delete static_cast<Handle*>(handle);
+  if (handle != nullptr) {
+    delete static_cast<Handle*>(handle);
+    g_live_programs.fetch_sub(1);
+  }
 }
 
 }  // extern "C"

@@ -43,10 +43,12 @@ def load_from_buffer(pte: bytes, ptd: bytes):
 
 
 def reset_threadpool(threads: int) -> None:
-    """Resize ExecuTorch's process-wide thread pool (the one XNNPACK runs on), as the bindings expose it."""
+    """Size ExecuTorch's process-wide thread pool (the one XNNPACK runs on), as the bindings expose it; nothing if
+    it has that size already. A resize destroys the pool every loaded program points to: do it before loading."""
     from executorch.extension.pybindings import portable_lib
 
-    portable_lib._unsafe_reset_threadpool(int(threads))
+    if portable_lib._threadpool_get_thread_count() != int(threads):
+        portable_lib._unsafe_reset_threadpool(int(threads))
 
 
 def threadpool_threads() -> int:

@@ -123,6 +123,8 @@ def library() -> ctypes.CDLL:
                                              ctypes.c_void_p, ctypes.c_int64, ctypes.c_char_p, ctypes.c_int]
             lib.shira_et_free.argtypes = [ctypes.c_void_p]
             lib.shira_et_set_threads.argtypes = [ctypes.c_int]
+            lib.shira_et_set_threads.restype = ctypes.c_int
+            lib.shira_et_threads.restype = ctypes.c_int
             lib.shira_et_get_default_weight_cache.argtypes = [ctypes.POINTER(ctypes.c_int)]
             lib.shira_et_quiet_logs()
             _LIB = lib
@@ -138,9 +140,16 @@ def default_weight_cache(lib) -> bool:
 
 
 def set_threads(lib, threads: int | None) -> None:
-    """Resize ExecuTorch's process-wide thread pool (shared with the Python bindings, if loaded)."""
-    if threads:
-        lib.shira_et_set_threads(int(threads))
+    """Size ExecuTorch's process-wide thread pool (shared with the Python bindings) before loading a program.
+
+    Resizing destroys the pool that every loaded XNNPACK program points to, so it happens only when the size
+    differs, and is refused (ValueError) while programs are loaded: this runner counts its own; programs the Python
+    bindings loaded are not seen, so size the pool before loading any (the bench does, with its --threads)."""
+    if threads and lib.shira_et_set_threads(int(threads)) != int(threads):
+        raise ValueError(f"threads={threads}: ExecuTorch's thread pool is process-wide and has "
+                         f"{lib.shira_et_threads()} threads, in use by programs loaded in this process; resizing it "
+                         f"under them is unsafe. Pass threads={lib.shira_et_threads()} or None, or set it before "
+                         f"loading the first program")
 
 
 class NativeProgram:

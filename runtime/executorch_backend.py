@@ -154,8 +154,13 @@ class ReloadProgram:
         self._torch = torch
         self._check_cache_off_by_default()
         self._load = et_compat.load_from_buffer
-        if threads:
-            et_compat.reset_threadpool(threads)
+        if threads:   # the same process-wide pool as the native runner's: size it where its programs are counted
+            from . import et_native
+
+            try:
+                et_native.set_threads(et_native.library(), threads)
+            except et_native.NativeUnavailable:
+                et_compat.reset_threadpool(threads)
         self.dir = data_file.parent
         self._pte = pte.read_bytes()
         self._ptd = data_file.read_bytes()

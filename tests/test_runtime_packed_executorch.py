@@ -165,6 +165,15 @@ def test_in_place_false_asks_for_the_reload_path(et_dir):
         assert rt.switch_path == "reload"
 
 
+def test_the_thread_pool_is_not_resized_under_loaded_programs(packed, et_dir):
+    lib = et_native.library()
+    now = lib.shira_et_threads()
+    with pytest.raises(ValueError, match="process-wide"):   # resizing would leave `packed` a dangling pool
+        Runtime(et_dir, threads=now + 1)
+    with Runtime(et_dir, threads=now) as same:              # the size it has: nothing to do
+        assert np.array_equal(same.run(IDS), packed.run(IDS))
+
+
 # ---------------------------------------------------------------- pieces
 
 
