@@ -43,6 +43,24 @@ class LinearT(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class FusedLinearT(nn.Module):
+    """Several `nn.Linear` of one input as one MatMul (q/k/v -> qkv_proj): weight_t = [W1; W2; ...]^T, stored
+    contiguous (in, sum of outs), and the output split back. Each W is then a column slice of the one initializer."""
+
+    def __init__(self, linears: list[nn.Linear]):
+        super().__init__()
+        self.sizes = [lin.out_features for lin in linears]
+        self.weight_t = nn.Parameter(torch.cat([lin.weight.detach() for lin in linears]).t().contiguous(),
+                                     requires_grad=False)
+        biases = [lin.bias.detach() if lin.bias is not None else torch.zeros(lin.out_features) for lin in linears]
+        has_bias = any(lin.bias is not None for lin in linears)
+        self.bias = nn.Parameter(torch.cat(biases), requires_grad=False) if has_bias else None
+
+    def forward(self, x):
+        y = torch.matmul(x, self.weight_t)
+        return (y if self.bias is None else y + self.bias).split(self.sizes, dim=-1)
+
+
 def residual(x, norm, sublayer, pre_norm: bool):
     """One residual sublayer: pre-norm x + f(norm(x)) (Llama, most OPT sizes), or post-norm norm(x + f(x))
     (opt-350m)."""
@@ -70,7 +88,7 @@ class DecoderLM(nn.Module):
     they call `run` with the cache slots of the queries and keys and a `cache_update(i, k, v) -> (k_all, v_all)`
     (k, v: layer i's new keys/values [B, kv_heads, S, head_dim]; k_all, v_all: everything attention sees)."""
 
-    def __init__(self, hf_model: nn.Module, arch: Architecture, linear=lambda m: m):
+    def __init__(self, hf_model: nn.Module, arch: Architecture, linear=lambda m: m, fuse_qkv: bool = False):
         super().__init__()
         self.arch, self.config = arch, hf_model.config
         get = hf_model.get_submodule
@@ -88,12 +106,20 @@ class DecoderLM(nn.Module):
             rotary = get(arch.rotary)   # its own init fn made inv_freq (llama3 scaling included): use it as is
             self.register_buffer("inv_freq", rotary.inv_freq.detach().float().clone(), persistent=False)
             self.rope_scaling = float(rotary.attention_scaling)
+        self.fused = {}   # HF Linear path -> (fused module path, its first output column there)
         self.blocks = []
         for i in range(arch.num_layers):
-            lin = {p: mirror(arch.layer(i, p), linear) for p in (arch.q_proj, arch.k_proj, arch.v_proj, arch.o_proj,
-                                                                 *arch.mlp)}
+            separate = (arch.o_proj, *arch.mlp) if fuse_qkv else (arch.q_proj, arch.k_proj, arch.v_proj, arch.o_proj,
+                                                                  *arch.mlp)
+            lin = {p: mirror(arch.layer(i, p), linear) for p in separate}
+            qkv = None
+            if fuse_qkv:   # one MatMul for q, k and v; its path sits beside them, e.g. ...self_attn.qkv_proj
+                paths = [arch.layer(i, p) for p in (arch.q_proj, arch.k_proj, arch.v_proj)]
+                qkv = _place(self, paths[0].rsplit(".", 1)[0] + ".qkv_proj", FusedLinearT([get(p) for p in paths]))
+                starts = [0, qkv.sizes[0], qkv.sizes[0] + qkv.sizes[1]]
+                self.fused.update({p: (paths[0].rsplit(".", 1)[0] + ".qkv_proj", o) for p, o in zip(paths, starts)})
             self.blocks.append(SimpleNamespace(
-                q=lin[arch.q_proj], k=lin[arch.k_proj], v=lin[arch.v_proj], o=lin[arch.o_proj],
+                qkv=qkv, q=lin.get(arch.q_proj), k=lin.get(arch.k_proj), v=lin.get(arch.v_proj), o=lin[arch.o_proj],
                 mlp=[lin[p] for p in arch.mlp],
                 attn_norm=mirror(arch.layer(i, arch.attn_norm)), mlp_norm=mirror(arch.layer(i, arch.mlp_norm)),
                 act=mirror(arch.layer(i, arch.activation)),
@@ -116,12 +142,12 @@ class DecoderLM(nn.Module):
     def attention(self, i: int, x, rope, bias, cache_update):
         a, blk = self.arch, self.blocks[i]
         b, s, _ = x.shape
-        q = blk.q(x)
+        q, k, v = blk.qkv(x) if blk.qkv is not None else (blk.q(x), blk.k(x), blk.v(x))
         if a.scale_queries:  # OPT's order of operations (scale after q_proj), so fp32 results agree bit-closely
             q = q * a.attention_scale
         q = q.reshape(b, s, a.num_heads, a.head_dim).transpose(1, 2)
-        k = blk.k(x).reshape(b, s, a.num_kv_heads, a.head_dim).transpose(1, 2)
-        v = blk.v(x).reshape(b, s, a.num_kv_heads, a.head_dim).transpose(1, 2)
+        k = k.reshape(b, s, a.num_kv_heads, a.head_dim).transpose(1, 2)
+        v = v.reshape(b, s, a.num_kv_heads, a.head_dim).transpose(1, 2)
         if rope is not None:
             cos, sin = rope[0].unsqueeze(1), rope[1].unsqueeze(1)
             q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin

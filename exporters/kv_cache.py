@@ -34,10 +34,11 @@ from .decoder import DecoderLM, LinearT
 
 
 class PastPresentDecoder(DecoderLM):
-    """ONNX: explicit past/present K/V inputs and outputs; adaptable Linears stored as W^T (`LinearT`)."""
+    """ONNX: explicit past/present K/V inputs and outputs; adaptable Linears stored as W^T (`LinearT`), q/k/v
+    optionally as one `qkv_proj` MatMul (fuse_qkv)."""
 
-    def __init__(self, hf_model, arch: Architecture):
-        super().__init__(hf_model, arch, linear=LinearT)
+    def __init__(self, hf_model, arch: Architecture, fuse_qkv: bool = False):
+        super().__init__(hf_model, arch, linear=LinearT, fuse_qkv=fuse_qkv)
 
     def empty_past(self, batch: int) -> list[torch.Tensor]:
         """past.0.key, past.0.value, past.1.key, ... with P = 0: the inputs of a first (prefill) step."""

@@ -40,22 +40,23 @@ OPSET = 18
 
 
 def export_onnx(model, info, out_dir, *, stages, atol: float = 1e-4, max_seq_len: int | None = None,
-                targets=None) -> dict:
+                targets=None, fuse_qkv: bool = False) -> dict:
     """Write model.onnx + model.onnx.data into out_dir, verify them, and return the manifest dict.
 
     `max_seq_len` (default: the model's max_position_embeddings) is recorded as the longest sequence the runtime
-    may run; `targets`: PyTorch weight names to keep patchable (the others are marked not)."""
+    may run; `targets`: PyTorch weight names to keep patchable (the others are marked not); `fuse_qkv`: one MatMul
+    per layer for q/k/v (each weight is then a slice of `...qkv_proj.weight_t`: tensor_shape + out_offset)."""
     arch = describe(model)
     max_seq_len = check_max_seq_len(arch, max_seq_len, default=arch.max_positions)
     out_dir = Path(out_dir)
-    wrapper = PastPresentDecoder(model, arch).eval()
+    wrapper = PastPresentDecoder(model, arch, fuse_qkv=fuse_qkv).eval()
     input_names, output_names = wrapper.io_names()
     with stages("trace", "torch.export, dynamic batch / sequence / past length"):
         program = _trace(wrapper)
     with stages("lower", "ExportedProgram -> ONNX; map and check every Linear weight"):
         proto = torch.onnx.export(program, dynamo=True, input_names=input_names, output_names=output_names,
                                   opset_version=OPSET, optimize=True, verbose=False).model_proto
-        mapping = locate_onnx_weights(proto, model)
+        mapping = locate_onnx_weights(proto, model, wrapper.fused)
     tied = tied_weights(model)
     with stages("write", f"{MODEL_FILE} + {DATA_FILE} ({ALIGN}-byte aligned)"):
         save_aligned(proto, out_dir, keep_external={m[0] for m in mapping.values()} | set(tied.values()))
@@ -64,7 +65,9 @@ def export_onnx(model, info, out_dir, *, stages, atol: float = 1e-4, max_seq_len
     with stages("verify", "ONNX Runtime: optimized graph keeps the weights; logits and KV-cache decode vs PyTorch"):
         onnx_verify.check_optimized_graph(out_dir / MODEL_FILE, [w["tensor"] for w in weights if w["patchable"]])
         parity = onnx_verify.onnx_parity(out_dir, model, weights, atol=atol)
-    return _manifest(model, info, wrapper, weights, parity, stages, max_seq_len)
+    manifest = _manifest(model, info, wrapper, weights, parity, stages, max_seq_len)
+    manifest["export"]["fused"] = ["qkv"] if fuse_qkv else []
+    return manifest
 
 
 def _trace(wrapper: PastPresentDecoder) -> torch.export.ExportedProgram:
@@ -101,12 +104,15 @@ def adaptable_linears(hf_model) -> dict[str, torch.nn.Linear]:
             if isinstance(mod, torch.nn.Linear) and f"{name}.weight" not in tied}
 
 
-def locate_onnx_weights(proto: onnx.ModelProto, model) -> dict[str, tuple[str, str]]:
-    """PyTorch weight name -> (initializer name, layout), recovered from the graph and checked value by value.
+def locate_onnx_weights(proto: onnx.ModelProto, model, fused=None) -> dict[str, tuple[str, str, int]]:
+    """PyTorch weight name -> (initializer name, layout, out_offset), recovered from the graph and checked value by
+    value.
 
-    For each Linear, the one MatMul (or Gemm) that ran inside its module scope must read an initializer that is
-    used by nothing else and equals W.T (MatMul, Gemm without transB) or W (Gemm with transB=1) exactly.
+    For each Linear, the one MatMul (or Gemm) that ran inside its module scope (for a fused Linear, the scope of the
+    fused module, `fused[path] = (fused path, out_offset)`) must read an initializer that is used by nothing else and
+    holds W.T (MatMul, Gemm without transB) or W (Gemm with transB=1) exactly, at out_offset along its outputs.
     """
+    fused = fused or {}
     inits = {t.name: t for t in proto.graph.initializer}
     consumers = defaultdict(list)
     for node in proto.graph.node:
@@ -114,11 +120,12 @@ def locate_onnx_weights(proto: onnx.ModelProto, model) -> dict[str, tuple[str, s
             consumers[name].append(node)
     mapping = {}
     for path, linear in adaptable_linears(model).items():
+        scope, out_offset = fused.get(path, (path, 0))
         hits = [n for n in proto.graph.node
-                if n.op_type in ("MatMul", "Gemm") and path in _scopes(n) and n.input[1] in inits]
+                if n.op_type in ("MatMul", "Gemm") and scope in _scopes(n) and n.input[1] in inits]
         if len(hits) != 1:
             raise ExportError(f"{path}: expected one MatMul/Gemm reading a weight initializer in module scope "
-                              f"{path}, found {[n.name for n in hits]}; the ONNX graph layout changed")
+                              f"{scope}, found {[n.name for n in hits]}; the ONNX graph layout changed")
         node, tensor = hits[0], hits[0].input[1]
         if len(consumers[tensor]) != 1:
             raise ExportError(f"{path}: initializer {tensor} is shared by {len(consumers[tensor])} nodes; "
@@ -126,11 +133,17 @@ def locate_onnx_weights(proto: onnx.ModelProto, model) -> dict[str, tuple[str, s
         trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
         layout = "as_is" if node.op_type == "Gemm" and trans_b else "transposed"
         weight = linear.weight.detach().numpy()
-        expected = weight if layout == "as_is" else weight.T
-        if not np.array_equal(numpy_helper.to_array(inits[tensor]), expected):
-            raise ExportError(f"{path}: initializer {tensor} does not equal the PyTorch weight ({layout})")
-        mapping[f"{path}.weight"] = (tensor, layout)
+        if not np.array_equal(output_slice(numpy_helper.to_array(inits[tensor]), layout, out_offset, len(weight)),
+                              weight):
+            raise ExportError(f"{path}: initializer {tensor} does not hold the PyTorch weight ({layout}, "
+                              f"out_offset {out_offset})")
+        mapping[f"{path}.weight"] = (tensor, layout, out_offset)
     return mapping
+
+
+def output_slice(tensor: np.ndarray, layout: str, out_offset: int, rows: int) -> np.ndarray:
+    """The PyTorch (out, in) weight held in a backend tensor at output rows out_offset..out_offset+rows."""
+    return tensor[out_offset:out_offset + rows] if layout == "as_is" else tensor[:, out_offset:out_offset + rows].T
 
 
 def save_aligned(proto: onnx.ModelProto, out_dir: Path, keep_external: set[str]) -> None:
@@ -147,28 +160,31 @@ def save_aligned(proto: onnx.ModelProto, out_dir: Path, keep_external: set[str])
     usual_permissions(out_dir / DATA_FILE)  # onnx creates it 0600; it ships with the model
 
 
-def weight_entries(out_dir: Path, model, mapping: dict[str, tuple[str, str]], tied: dict[str, str]) -> list[dict]:
+def weight_entries(out_dir: Path, model, mapping: dict[str, tuple[str, str, int]], tied: dict[str, str]) -> list[dict]:
     """Manifest entries with file/offset/nbytes read back from the saved graph; the bytes there must equal W."""
     from shira_edge.runtime.manifest import weight_entry
 
     saved = onnx.load(str(out_dir / MODEL_FILE), load_external_data=False)
     where = {t.name: {e.key: e.value for e in t.external_data} for t in saved.graph.initializer}
+    dims = {t.name: list(t.dims) for t in saved.graph.initializer}
     params = dict(model.named_parameters(remove_duplicate=False))
-    todo = [(name, tensor, layout, True, None) for name, (tensor, layout) in mapping.items()]
-    todo += [(name, owner, "as_is", False, f"tied to {owner}; not patchable") for name, owner in tied.items()]
+    todo = [(name, tensor, layout, out_offset, True, None) for name, (tensor, layout, out_offset) in mapping.items()]
+    todo += [(name, owner, "as_is", 0, False, f"tied to {owner}; not patchable") for name, owner in tied.items()]
     entries = []
-    for name, tensor, layout, patchable, note in todo:
+    for name, tensor, layout, out_offset, patchable, note in todo:
         ext = where.get(tensor, {})
         if ext.get("location") != DATA_FILE:
             raise ExportError(f"{name}: initializer {tensor} is not in {DATA_FILE}")
         offset, nbytes = int(ext["offset"]), int(ext["length"])
         weight = params[name].detach().numpy()
-        stored = np.fromfile(out_dir / DATA_FILE, dtype="<f4", count=nbytes // 4, offset=offset)
-        stored = stored.reshape(weight.shape if layout == "as_is" else weight.T.shape)
-        if offset % ALIGN or not np.array_equal(stored if layout == "as_is" else stored.T, weight):
+        stored = np.fromfile(out_dir / DATA_FILE, dtype="<f4", count=nbytes // 4, offset=offset).reshape(dims[tensor])
+        if offset % ALIGN or not np.array_equal(output_slice(stored, layout, out_offset, len(weight)), weight):
             raise ExportError(f"{name}: bytes at {DATA_FILE}:{offset} are misaligned or differ from the weight")
-        entries.append(weight_entry(name, weight.shape, tensor, layout, DATA_FILE, offset, nbytes,
-                                    weight_digest(weight), patchable=patchable, note=note))
+        entry = weight_entry(name, weight.shape, tensor, layout, DATA_FILE, offset, weight.size * 4,
+                             weight_digest(weight), patchable=patchable, note=note)
+        if nbytes != weight.size * 4:   # a slice of a fused tensor: file/offset/nbytes describe the whole tensor
+            entry.update(nbytes=nbytes, tensor_shape=dims[tensor], out_offset=out_offset)
+        entries.append(entry)
     return entries
 
 

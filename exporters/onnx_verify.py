@@ -69,10 +69,11 @@ def open_session(out_dir: Path, weights: list[dict]) -> PatchableSession:
     """Open model.onnx with each patchable weight read from the data file into its own buffer, as the runtime does."""
     so = session_options()
     buffers, values = {}, []
-    for w in (w for w in weights if w["patchable"]):
+    for w in (w for w in weights if w["patchable"] and w["tensor"] not in buffers):   # slices share one tensor
         out, inp = w["shape"]
+        shape = w.get("tensor_shape") or ((out, inp) if w["layout"] == "as_is" else (inp, out))
         buf = np.fromfile(Path(out_dir) / w["file"], dtype="<f4", count=w["nbytes"] // 4, offset=w["offset"])
-        buffers[w["tensor"]] = buf = buf.reshape((out, inp) if w["layout"] == "as_is" else (inp, out))
+        buffers[w["tensor"]] = buf = buf.reshape(shape)
         values.append(ort.OrtValue.ortvalue_from_numpy(buf))
         so.add_initializer(w["tensor"], values[-1])
     sess = ort.InferenceSession(str(Path(out_dir) / "model.onnx"), so, providers=["CPUExecutionProvider"])

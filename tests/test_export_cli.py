@@ -91,3 +91,9 @@ def test_max_seq_len_above_the_models_positions(tmp_path, fmt):
     result = export("--model", "tiny-opt", "--format", fmt, "--max-seq-len", "4096", "-o", tmp_path / "out")
     assert_clean_error(result, "--max-seq-len 4096", "2..256", "max_position_embeddings")
     assert leftovers(tmp_path, "out") == []
+
+
+def test_fuse_qkv_is_onnx_only(tmp_path):
+    result = export("--model", "tiny-opt", "--format", "executorch", "--fuse-qkv", "-o", tmp_path / "out")
+    assert_clean_error(result, "--fuse-qkv", "executorch")
+    assert leftovers(tmp_path, "out") == []

@@ -38,7 +38,9 @@ FORMATS = ("onnx", "executorch")
 # ExecuTorch lowering is the slow part (~15 s a tiny model): the last two families run on ONNX only, since their
 # differences (rope frequencies, window mask) live in decoder.py, which both backends share.
 ROWS = [(fmt, arch) for arch in ("opt", "llama", "qwen2") for fmt in FORMATS] + [("onnx", "llama3"), ("onnx", "mistral")]
-ONNX_ROWS = [r for r in ROWS if r[0] == "onnx"]
+# --fuse-qkv: q/k/v as one MatMul, each weight a slice (tensor_shape, out_offset) of qkv_proj; GQA and bias together
+ROWS += [("onnx+fuse_qkv", "qwen2")]
+ONNX_ROWS = [r for r in ROWS if r[0].startswith("onnx")]
 ET_ROWS = [r for r in ROWS if r[0] == "executorch"]
 # Fused exports: the adapter A fused in at export (a .shira file or the PEFT dir), per format and family.
 FUSED_ROWS = [("onnx", "opt", "shira"), ("executorch", "opt", "peft"), ("onnx", "llama", "shira"),
@@ -107,7 +109,9 @@ class Zoo:
     def export(self, fmt, arch, fused: str | None = None):
         def make():
             out = self.tmp.mktemp(f"{fmt}-{arch}-{fused or 'base'}") / "out"
-            args = ["--model", self.model_dir(arch), "--format", fmt, "-o", out]
+            backend, *options = fmt.split("+")
+            args = ["--model", self.model_dir(arch), "--format", backend, "-o", out]
+            args += [f"--{o.replace('_', '-')}" for o in options]
             if fmt == "executorch" and arch == "opt":
                 args += ["--max-seq-len", OPT_ET_MAX_SEQ]
             if fused:
@@ -126,8 +130,9 @@ def zoo(tmp_path_factory, tiny_opt_dir):
 
 class Row:
     def __init__(self, zoo, fmt, arch):
-        self.fmt, self.arch, self.zoo = fmt, arch, zoo
+        self.fmt, self.arch, self.zoo = fmt.split("+")[0], arch, zoo
         self.out = zoo.export(fmt, arch)
+        self.fused = "fuse_qkv" in fmt
         self.manifest = read_manifest(self.out)
         self.model = zoo.model(arch)
         self.cfg = self.model.config
@@ -204,6 +209,13 @@ def test_manifest_describes_the_export(row):
     assert parity["max_abs_diff_full"] <= TOL and parity["max_abs_diff_decode"] <= TOL
     assert set(m["export"]["stage_seconds"]) == {"load", "trace", "lower", "write", "verify"}
     assert m["export"]["architecture"]["model_type"] == cfg.model_type
+    slices = [w for w in m["weights"] if "out_offset" in w]
+    if row.fused:   # q, k, v of every layer: slices of one qkv_proj tensor each
+        assert len(slices) == 3 * cfg.num_hidden_layers and m["export"]["fused"] == ["qkv"]
+        assert {w["tensor"] for w in slices} == {f"{arch.layer(i, 'self_attn.qkv_proj')}.weight_t"
+                                                 for i in range(cfg.num_hidden_layers)}
+    else:
+        assert slices == []
     if row.fmt == "onnx":
         assert m["backend"] == "onnxruntime" and cache["kind"] == "past_present"
         assert m["files"]["graph_optimization_level"] == onnx_verify.OPT_LEVEL
@@ -343,7 +355,7 @@ def test_in_place_patches_of_runtime_buffers_take_effect(onnx_row):
         r, c = rng.integers(0, rows, 5), rng.integers(0, cols, 5)
         delta = rng.normal(0, 0.5, 5).astype(np.float32)
         view = buf if entry["layout"] == "as_is" else buf.T
-        view[r, c] += delta
+        view[entry.get("out_offset", 0) + r, c] += delta   # a slice of a fused tensor starts at out_offset
         with torch.no_grad():
             params[entry["name"]][torch.from_numpy(r), torch.from_numpy(c)] += torch.from_numpy(delta)
     logits, _ = onnx_verify.run(patched.session, manifest["io"]["cache"]["num_layers"], ids, mask, pos)

@@ -36,13 +36,17 @@ FORMATS = ("onnx", "executorch")
                    "for onnx; never above max_position_embeddings.")
 @click.option("--atol", type=FiniteFloat(minimum=0), default=1e-4, show_default=True,
               help="Parity tolerance: max abs logit difference vs PyTorch (fp32).")
+@click.option("--fuse-qkv", is_flag=True,
+              help="ONNX only: one MatMul per layer for q/k/v (qkv_proj, as onnxruntime-genai's builder does); each "
+                   "weight stays patchable as a slice of it.")
 @click.option("--from", "from_dir", type=click.Path(file_okay=False), default=None,
               help="Keep the graph of an onnxruntime-genai model builder folder (built with -p fp32) and write a "
                    "manifest for it, each weight found by content in --model's weights (default --atol 1e-3).")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Output directory (OUT_DIR).")
 @click.pass_context
-def export(ctx, model_name, fmt, adapter, targets, random_init, seed, max_seq_len, atol, from_dir, force, out_dir):
+def export(ctx, model_name, fmt, adapter, targets, random_init, seed, max_seq_len, atol, fuse_qkv, from_dir, force,
+           out_dir):
     """Export a model to ONNX (default) or ExecuTorch, with a manifest of every adaptable weight."""
     from shira_edge.exporters.common import ExportError, Stages
 
@@ -51,7 +55,7 @@ def export(ctx, model_name, fmt, adapter, targets, random_init, seed, max_seq_le
     try:
         manifest = run_export(model_name, fmt=fmt, adapter=adapter, targets=_split(targets), random_init=random_init,
                               seed=seed, max_seq_len=max_seq_len, atol=atol, force=force, out_dir=out_dir,
-                              stages=Stages(), from_dir=from_dir)
+                              stages=Stages(), from_dir=from_dir, fuse_qkv=fuse_qkv)
     except ExportError as exc:   # may quote names from an adapter file: escaped for the terminal
         raise click.ClickException(printable(str(exc))) from None
     parity = manifest["export"].get("parity", {})
@@ -61,7 +65,7 @@ def export(ctx, model_name, fmt, adapter, targets, random_init, seed, max_seq_le
 
 
 def run_export(model_name, *, fmt="onnx", adapter=None, targets=(), random_init=False, seed=0, max_seq_len=None,
-               atol=1e-4, force=False, out_dir, stages, from_dir=None) -> dict:
+               atol=1e-4, force=False, out_dir, stages, from_dir=None, fuse_qkv=False) -> dict:
     """The whole export; returns the manifest written to out_dir. Raises ExportError with a one-line reason."""
     from shira_edge.exporters.common import ExportError, resolve_targets, restrict_patchable, staged_output_dir
     from shira_edge.exporters.fuse_adapter import check_adapter_path, fuse_adapter
@@ -76,6 +80,9 @@ def run_export(model_name, *, fmt="onnx", adapter=None, targets=(), random_init=
     if from_dir and (fmt != "onnx" or adapter):
         raise ExportError("--from keeps an existing ONNX graph as it is: it takes neither --format executorch nor "
                           "--adapter (switch adapters at run time instead)")
+    if fuse_qkv and (fmt != "onnx" or from_dir):
+        raise ExportError("--fuse-qkv shapes the graph shira-edge builds for ONNX: it takes neither --format "
+                          "executorch nor --from")
     if adapter:
         check_adapter_path(adapter)
     with staged_output_dir(out_dir, force=force) as tmp:
@@ -90,7 +97,7 @@ def run_export(model_name, *, fmt="onnx", adapter=None, targets=(), random_init=
             chosen = resolve_targets(model, targets) if targets else None
         try:
             manifest = _export_format(fmt, model, info, tmp, stages=stages, max_seq_len=max_seq_len,
-                                      targets=chosen, atol=atol, from_dir=from_dir)
+                                      targets=chosen, atol=atol, from_dir=from_dir, fuse_qkv=fuse_qkv)
             if chosen:
                 restrict_patchable(manifest["weights"], chosen)
             manifest.setdefault("files", {}).update(export_tokenizer(info.source, tmp, model.config.vocab_size))
@@ -101,7 +108,8 @@ def run_export(model_name, *, fmt="onnx", adapter=None, targets=(), random_init=
     return manifest
 
 
-def _export_format(fmt, model, info, out_dir, *, stages, max_seq_len, targets, atol, from_dir=None) -> dict:
+def _export_format(fmt, model, info, out_dir, *, stages, max_seq_len, targets, atol, from_dir=None,
+                   fuse_qkv=False) -> dict:
     """Thin dispatch: each format's exporter writes its files into out_dir and returns the manifest dict."""
     if from_dir:
         from shira_edge.exporters.from_genai import export_from_genai
@@ -110,7 +118,8 @@ def _export_format(fmt, model, info, out_dir, *, stages, max_seq_len, targets, a
     if fmt == "onnx":
         from shira_edge.exporters.onnx_export import export_onnx
 
-        return export_onnx(model, info, out_dir, stages=stages, atol=atol, max_seq_len=max_seq_len, targets=targets)
+        return export_onnx(model, info, out_dir, stages=stages, atol=atol, max_seq_len=max_seq_len, targets=targets,
+                           fuse_qkv=fuse_qkv)
     from shira_edge.exporters.executorch_export import export_executorch
 
     return export_executorch(model, info, out_dir, stages=stages, max_seq_len=max_seq_len, targets=targets,
