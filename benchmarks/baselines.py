@@ -244,18 +244,20 @@ def time_onnx(genai: Path | None, onnx: Path | None, samples: int, warmup: int, 
 def time_et(et_llm: Path | None, et: Path | None, samples: int, warmup: int) -> dict:
     from shira_edge.runtime.manifest import read_manifest
 
+    et_llm_runtime()   # loads the bindings, so the pool can be sized before any program exists:
+    set_threads(1)     # resetting it under a loaded XNNPACK program crashes (SIGSEGV) on the next call
     engines = {}
     if et_llm:
         engines["export_llm .pte (XNNPACK)"] = EtLlmProgram(et_llm / "model.pte")
     if et:
         engines["shira-edge .pte"] = Loaded("executorch", et, read_manifest(et), 1)
-    set_threads(1)
     return {kind: _summaries(interleave({n: e.call(kind) for n, e in engines.items()}, samples=samples,
                                         warmup=warmup)) for kind in kinds()}
 
 
 def _summaries(samples: dict[str, list[float]]) -> dict:
-    names = [n for n in samples if "." not in n]   # "<mode>.<part>" lists are sub-timings (stats.interleave)
+    # "<mode>.<part>" lists are sub-timings (stats.interleave); mode names themselves may hold dots
+    names = [n for n in samples if not any(n.startswith(m + ".") for m in samples if m != n)]
     out = {n: summarize(samples[n]) for n in names}
     for n in names[1:]:
         out[n]["ratio_to_first"] = paired_ratio(samples[n], samples[names[0]])
