@@ -23,7 +23,7 @@ def measure(r: int, dtypes: list[str], work: Path) -> list[dict]:
     import torch
     from peft import ShiraConfig, get_peft_model
 
-    from shira_edge.commands.pack import pack_adapter
+    from shira_edge.pack import pack_adapter
     from shira_edge.models import load_model
     from shira_edge.runtime.shira_format import read_shira, read_shira_layout
 

@@ -93,7 +93,7 @@ class Zoo:
         def make():
             from peft import PeftModel, ShiraConfig, get_peft_model
 
-            from shira_edge.commands.pack import pack_adapter
+            from shira_edge.pack import pack_adapter
 
             seed = {"A": 0, "B": 1}[which]
             path = self.tmp.mktemp(f"adapter-{arch}-{which}")

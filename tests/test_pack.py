@@ -268,7 +268,7 @@ def test_pack_errors_name_the_problem_and_write_nothing(peft_adapters, tmp_path,
 
 def test_interrupted_pack_leaves_no_file(peft_adapters, tmp_path, monkeypatch):
     import shira_edge.runtime.shira_format as fmt
-    from shira_edge.commands.pack import pack_adapter
+    from shira_edge.pack import pack_adapter
 
     def interrupted(fd):
         raise KeyboardInterrupt

@@ -31,7 +31,7 @@ def _peft_adapter(seed: int, path):
 @pytest.fixture(scope="session")
 def adapters(tiny_opt_dir, tmp_path_factory):
     """Two PEFT SHiRA adapters (different masks and values), saved by PEFT and packed by shira-edge."""
-    from shira_edge.commands.pack import pack_adapter
+    from shira_edge.pack import pack_adapter
 
     root = tmp_path_factory.mktemp("runtime-adapters")
     out = {}

@@ -86,7 +86,7 @@ def test_peft_loads_the_adapter_and_reproduces_its_eval_loss(snip_adapter, notes
 def test_train_then_pack_round_trip(snip_adapter, tmp_path):
     from peft import PeftModel
 
-    from shira_edge.commands.pack import pack_adapter
+    from shira_edge.pack import pack_adapter
     from shira_edge.models import load_model
     from shira_edge.runtime.shira_format import read_shira
 

@@ -1,4 +1,5 @@
-"""`shira-edge pack ADAPTER_DIR -o FILE.shira`: a PEFT SHiRA adapter dir -> one compact .shira file.
+"""`shira-edge pack ADAPTER_DIR -o FILE.shira`: a PEFT SHiRA adapter dir -> one compact .shira file (CLI over
+shira_edge.pack).
 
     shira-edge pack adapter/ -o adapter.shira --dtype fp16
 
@@ -9,114 +10,13 @@ adapter_config.json's base_model_name_or_path.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from shira_edge import __version__
-from shira_edge.peft_adapter import PeftAdapterError, read_peft_config, read_peft_shira
-from shira_edge.runtime.shira_format import VALUE_DTYPES, ShiraFormatError, make_adapter, make_target, write_shira
-from shira_edge.runtime.untrusted import printable, read_regular
-
-SIDECAR = "shira_edge.json"
-
-
-def base_model_choice(adapter_dir: Path, model: str | None, random_init: bool, seed: int | None) -> dict:
-    """Which base model to load: {"name", "random_init", "seed", "from"} ("from" says where the choice came from)."""
-    sidecar_path = adapter_dir / SIDECAR
-    sidecar = {}
-    if sidecar_path.is_file():
-        try:
-            sidecar = json.loads(read_regular(sidecar_path, SIDECAR, limit=1 << 20)).get("base_model") or {}
-        except (OSError, ValueError, AttributeError, RecursionError) as exc:
-            raise click.ClickException(printable(f"{sidecar_path}: cannot read it as JSON: {exc}; fix or delete "
-                                                 f"it, or pass --model")) from None
-    if model:
-        return {"name": model, "random_init": random_init, "seed": 0 if seed is None else seed, "from": "--model"}
-    if isinstance(sidecar, dict) and isinstance(sidecar.get("name"), str):
-        was_random = sidecar.get("weights") == "random-init"
-        side_seed = sidecar.get("seed") if isinstance(sidecar.get("seed"), int) else 0
-        return {"name": sidecar["name"], "random_init": random_init or was_random,
-                "seed": side_seed if seed is None else seed, "from": str(sidecar_path)}
-    name = read_peft_config(adapter_dir).get("base_model_name_or_path")
-    if isinstance(name, str) and name:
-        return {"name": name, "random_init": random_init, "seed": 0 if seed is None else seed,
-                "from": f"{adapter_dir / 'adapter_config.json'} base_model_name_or_path"}
-    raise click.ClickException(
-        f"cannot tell which base model {printable(adapter_dir)} was made for: no --model, no {SIDECAR} sidecar, and "
-        f"adapter_config.json has no base_model_name_or_path. Pass --model NAME (an alias such as tiny-opt or "
-        f"opt-125m, a hub id or a save_pretrained dir), with --random-init --seed N for a seeded random base."
-    )
-
-
-def pack_adapter(adapter_dir: str | Path, output: str | Path, *, dtype: str = "fp32", model: str | None = None,
-                 random_init: bool = False, seed: int | None = None) -> dict:
-    """Pack and write; returns the summary numbers. Raises click.ClickException with a message on bad input."""
-    from shira_edge.models import ModelNotAvailable, load_model
-    from shira_edge.runtime.fingerprint import weight_digest
-
-    adapter_dir = Path(adapter_dir)
-    try:
-        peft = read_peft_shira(adapter_dir)
-    except PeftAdapterError as exc:
-        raise click.ClickException(str(exc)) from None
-    choice = base_model_choice(adapter_dir, model, random_init, seed)
-    try:
-        base, info = load_model(choice["name"], random_init=choice["random_init"], seed=choice["seed"])
-    except ModelNotAvailable as exc:
-        raise click.ClickException(printable(f"base model (from {choice['from']}): {exc}")) from None
-
-    state = base.state_dict()
-    targets = []
-    for name, entry in peft.entries.items():
-        weight = state.get(name)
-        if weight is None or weight.ndim != 2:
-            raise click.ClickException(printable(
-                f"{entry.file}: key {entry.module}.shira_weight adapts {name}, which is not a 2-D weight of the "
-                f"base model {info.name!r}; pass the --model the adapter was trained on"
-            ))
-        shape = tuple(weight.shape)
-        try:
-            indices, values = entry.flat_sorted(shape)
-        except PeftAdapterError as exc:
-            raise click.ClickException(str(exc)) from None
-        digest = weight_digest(weight.detach().float().numpy())
-        targets.append(make_target(name, shape, indices, values, base_digest=digest, dtype=dtype))
-
-    cfg = peft.config
-    metadata = {
-        "tool": f"shira-edge {__version__}",
-        "source_adapter": adapter_dir.resolve().name,  # the name only: a full path would make packing host-dependent
-        "peft_version": cfg.get("peft_version"),
-        "r": cfg.get("r"),
-        "mask_type": cfg.get("mask_type"),
-        "mask_seed": cfg.get("random_seed"),
-        "base_weights": info.weights,
-        "base_seed": info.seed,
-        "base_architecture": info.architecture,
-    }
-    sidecar = adapter_dir / SIDECAR
-    if sidecar.is_file():  # train's own record of the mask (e.g. a smart mask PEFT calls "custom")
-        try:
-            side = json.loads(read_regular(sidecar, SIDECAR, limit=1 << 20))
-            metadata.update({k: side[k] for k in ("method", "mask", "mask_seed", "tokenizer") if k in side})
-        except (OSError, ValueError, TypeError, RecursionError):
-            pass  # already reported by base_model_choice when it mattered
-    try:
-        adapter = make_adapter(info.name, targets, dtype=dtype, metadata=metadata)
-        path = write_shira(output, adapter)
-    except ShiraFormatError as exc:
-        raise click.ClickException(f"{printable(adapter_dir)}: {exc}") from None   # the reader escapes what it quotes
-    except OSError as exc:
-        raise click.ClickException(printable(f"cannot write {output}: {exc.strerror or exc}; choose a writable -o "
-                                             f"path")) from None
-
-    nnz = sum(t.nnz for t in targets)
-    params = sum(t.shape[0] * t.shape[1] for t in targets)
-    size = path.stat().st_size
-    return {"path": str(path), "targets": len(targets), "nnz": nnz, "density": nnz / params, "bytes": size,
-            "bytes_per_param": size / max(nnz, 1), "dtype": dtype, "base": info.name, "weights": info.weights}
+from shira_edge.pack import PackError, pack_adapter
+from shira_edge.runtime.shira_format import VALUE_DTYPES
+from shira_edge.runtime.untrusted import printable
 
 
 @click.command(name="pack")
@@ -133,8 +33,11 @@ def pack(adapter_dir: Path, output: Path, dtype: str, model: str | None, random_
     """Pack a PEFT SHiRA adapter dir into a compact .shira file."""
     from shira_edge.exporters.common import sigterm_unwinds
 
-    with sigterm_unwinds():   # SIGTERM mid-write removes the temp file, as Ctrl-C does
-        s = pack_adapter(adapter_dir, output, dtype=dtype, model=model, random_init=random_init, seed=seed)
+    try:
+        with sigterm_unwinds():   # SIGTERM mid-write removes the temp file, as Ctrl-C does
+            s = pack_adapter(adapter_dir, output, dtype=dtype, model=model, random_init=random_init, seed=seed)
+    except PackError as exc:   # already escaped for the terminal where it quotes file-derived text
+        raise click.ClickException(str(exc)) from None
     click.echo(f"packed {s['targets']} targets, {s['nnz']:,} nnz ({s['density']:.2%} density), {s['dtype']}: "
                f"{s['bytes']:,} bytes, {s['bytes_per_param']:.2f} bytes/param "
                f"[base {printable(s['base'])}, {s['weights']}] -> {printable(s['path'])}")

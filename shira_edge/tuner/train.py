@@ -27,12 +27,11 @@ from torch import nn
 
 from shira_edge.data import load_blocks, load_tokenizer, read_texts
 from shira_edge.models import ModelInfo, ModelNotAvailable, load_model
+from shira_edge.pack import SIDECAR
 
 from .layer import EfficientShiraLinear, to_peft
 from .masks import NEEDS_GRADIENTS, gradient_scores
 from .model import DEFAULT_TARGETS, TunerInputError, adapt, check_rank, check_request, find_targets
-
-SIDECAR = "shira_edge.json"
 
 
 @dataclass
