@@ -88,7 +88,7 @@ def model_dir(tmp_path_factory):
 
 
 def _export(model_dir, out, **kwargs):
-    from shira_edge.commands.export import run_export
+    from shira_edge.export import run_export
     from shira_edge.exporters.common import Stages
 
     run_export(str(model_dir), out_dir=out, stages=Stages(quiet=True), **kwargs)

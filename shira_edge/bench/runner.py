@@ -127,7 +127,7 @@ def _export(model: str, backend: str, random_init: bool, seed: int, given: Path 
     earlier run, or a new one. A reused export must be of the same model, weights and seed."""
     from ..exporters.common import ExportError, Stages
     from ..runtime.manifest import ManifestError, read_manifest
-    from ..commands.export import run_export
+    from ..export import run_export
 
     for d in (given, cache_dir):
         if d is None or not (d / "manifest.json").is_file():

@@ -1,5 +1,5 @@
 """`shira-edge export`: write a base model (optionally with an adapter fused in) to ONNX or ExecuTorch, plus the
-manifest.json the runtime trusts.
+manifest.json the runtime trusts (the CLI over shira_edge.export).
 
     shira-edge export --model opt-125m --random-init -o out/
     shira-edge export --model tiny-opt --format executorch --adapter adapter.shira -o out-et/
@@ -16,9 +16,8 @@ from pathlib import Path
 import click
 
 from shira_edge.commands.checks import FiniteFloat
+from shira_edge.export import FORMATS, run_export
 from shira_edge.runtime.untrusted import printable
-
-FORMATS = ("onnx", "executorch")
 
 
 @click.command("export")
@@ -62,68 +61,6 @@ def export(ctx, model_name, fmt, adapter, targets, random_init, seed, max_seq_le
     patchable = sum(w["patchable"] for w in manifest["weights"])
     click.echo(f"wrote {Path(out_dir)} ({manifest['backend']}): {patchable} patchable weights, "
                f"fingerprint {manifest['fingerprint'][:19]}..., parity {_parity_text(parity)}")
-
-
-def run_export(model_name, *, fmt="onnx", adapter=None, targets=(), random_init=False, seed=0, max_seq_len=None,
-               atol=1e-4, force=False, out_dir, stages, from_dir=None, fuse_qkv=False) -> dict:
-    """The whole export; returns the manifest written to out_dir. Raises ExportError with a one-line reason."""
-    from shira_edge.exporters.common import ExportError, resolve_targets, restrict_patchable, staged_output_dir
-    from shira_edge.exporters.fuse_adapter import check_adapter_path, fuse_adapter
-    from shira_edge.exporters.tokenizer_files import export_tokenizer
-    from shira_edge.runtime.manifest import write_manifest
-    from shira_edge.models import ModelNotAvailable, load_model, resolve
-
-    try:
-        resolve(model_name)  # an unknown name fails here, before OUT_DIR is touched or torch is imported
-    except ModelNotAvailable as exc:
-        raise ExportError(f"--model: {exc}") from None
-    if from_dir and (fmt != "onnx" or adapter):
-        raise ExportError("--from keeps an existing ONNX graph as it is: it takes neither --format executorch nor "
-                          "--adapter (switch adapters at run time instead)")
-    if fuse_qkv and (fmt != "onnx" or from_dir):
-        raise ExportError("--fuse-qkv shapes the graph shira-edge builds for ONNX: it takes neither --format "
-                          "executorch nor --from")
-    if adapter:
-        check_adapter_path(adapter)
-    with staged_output_dir(out_dir, force=force) as tmp:
-        with stages("load", model_name + (f" + adapter {adapter}" if adapter else "")):
-            try:
-                model, info = load_model(model_name, random_init=random_init, seed=seed)
-            except ModelNotAvailable as exc:
-                raise ExportError(f"--model: {exc}") from None
-            fused = None
-            if adapter:
-                model, fused = fuse_adapter(model, adapter)
-            chosen = resolve_targets(model, targets) if targets else None
-        try:
-            manifest = _export_format(fmt, model, info, tmp, stages=stages, max_seq_len=max_seq_len,
-                                      targets=chosen, atol=atol, from_dir=from_dir, fuse_qkv=fuse_qkv)
-            if chosen:
-                restrict_patchable(manifest["weights"], chosen)
-            manifest.setdefault("files", {}).update(export_tokenizer(info.source, tmp, model.config.vocab_size))
-            manifest["export"].update({"adapter": fused, "stage_seconds": dict(stages.seconds)})
-            write_manifest(tmp, manifest)
-        except OSError as exc:  # disk full, permissions changed under us, ...
-            raise ExportError(f"writing {out_dir} failed: {exc}; nothing was written") from None
-    return manifest
-
-
-def _export_format(fmt, model, info, out_dir, *, stages, max_seq_len, targets, atol, from_dir=None,
-                   fuse_qkv=False) -> dict:
-    """Thin dispatch: each format's exporter writes its files into out_dir and returns the manifest dict."""
-    if from_dir:
-        from shira_edge.exporters.from_genai import export_from_genai
-
-        return export_from_genai(from_dir, model, info, out_dir, stages=stages, atol=atol)
-    if fmt == "onnx":
-        from shira_edge.exporters.onnx_export import export_onnx
-
-        return export_onnx(model, info, out_dir, stages=stages, atol=atol, max_seq_len=max_seq_len, targets=targets,
-                           fuse_qkv=fuse_qkv)
-    from shira_edge.exporters.executorch_export import export_executorch
-
-    return export_executorch(model, info, out_dir, stages=stages, max_seq_len=max_seq_len, targets=targets,
-                             atol=atol)
 
 
 def _split(targets: str | None) -> list[str]:

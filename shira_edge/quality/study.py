@@ -87,7 +87,7 @@ def _base(plan: Plan, work: Path, texts):
 def _export(plan: Plan, base_dir: Path, work: Path, progress) -> Path:
     if plan.export:
         return Path(plan.export)
-    from shira_edge.commands.export import run_export
+    from shira_edge.export import run_export
     from shira_edge.exporters.common import Stages
 
     out = work / "export-onnx"
@@ -242,7 +242,7 @@ def _fuse(plan, lab, data, label, seed, kept, device, base_dir, work, progress) 
         row[t] = {"alone": alone, "fused": fused.to_json(), "fused_best": fused_best.to_json()}
         torch_correct[t] = (fused, fused_best)
     if device is not None and kept[t1][1]["adapter_dir"] is not None:
-        from shira_edge.commands.pack import pack_adapter
+        from shira_edge.pack import pack_adapter
 
         shira = {}
         packing = time.perf_counter()
