@@ -158,3 +158,26 @@ def test_export_dir_of_another_model(tiny_exports, tmp_path):
                                        "--export-dir", str(tiny_exports / "onnx"), "-o", str(tmp_path / "b")])
     assert result.exit_code == 1 and "--export-dir" in result.output and "not of 'opt-125m'" in result.output
     assert not (tmp_path / "b" / "bench.json").exists()
+
+
+def test_onnx_timing_smoke(tiny_exports):
+    """The prepacking-off/on timing script (shira_edge.bench.onnx_timing) runs on a tiny export: both configs, all
+    keys, positive medians and ratios. Timings prove nothing here."""
+    from shira_edge.bench.onnx_timing import KEYS, measure
+
+    result = measure(tiny_exports / "onnx", repeats=1, prompt_len=4)
+    assert len(result["median_ms"]) == 2
+    for medians in result["median_ms"].values():
+        assert set(medians) == set(KEYS) and all(v > 0 for v in medians.values())
+    assert set(result["ratio_off_over_on"]) == set(KEYS) and all(v > 0 for v in result["ratio_off_over_on"].values())
+
+
+def test_executorch_timing_smoke(tiny_exports):
+    """The ExecuTorch prefill/decode/reload timing script runs on a tiny export (eager rows included)."""
+    from shira_edge.bench.executorch_timing import measure
+
+    result = measure(tiny_exports / "executorch", repeats=1, prompt_len=4, eager=True)
+    keys = {"prefill_4", "decode_1", "reload_ptd_file_plus_decode", "reload_ptd_buffer_plus_decode",
+            "eager_prefill_4", "eager_decode_1"}
+    assert {f"{k}_median_s" for k in keys} <= set(result) and result["repeats"] == 1
+    assert all(result[f"{k}_median_s"] > 0 for k in keys)

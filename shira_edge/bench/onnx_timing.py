@@ -2,7 +2,7 @@
 against ORT's default (prepacking on, weights read from the data file): session creation, one 32-token prefill,
 one decode step after it. Prepacking off is what makes in-place patching work; this says what it costs.
 
-    python -m shira_edge.exporters.onnx_timing /tmp/opt125m-onnx [--repeats 5]
+    python -m shira_edge.bench.onnx_timing /tmp/opt125m-onnx [--repeats 5]
 
 Both configurations run interleaved, round after round, so load from other processes hits them alike; medians (ms)
 and the ratio off/on are printed as JSON.

@@ -1,6 +1,6 @@
 """Time an ExecuTorch export on this CPU: one 32-token prefill, one decode step, and a reload after patching.
 
-    python -m shira_edge.exporters.executorch_timing /tmp/opt125m-et [--repeats 5] [--eager]
+    python -m shira_edge.bench.executorch_timing /tmp/opt125m-et [--repeats 5] [--eager]
 
 A "reload" is what the runtime does after patching weights: load the program again with the patched .ptd (from
 a file, or from an in-memory buffer) and load its method, which makes XNNPACK repack the weights; each reload is
