@@ -84,7 +84,7 @@ def main(argv=None) -> None:
     prompt = np.array([[2, 100, 200, 300, 400]])
     with Runtime(export, policy=args.policy) as rt:
         rt.wait_ready()
-        base = rt._backend.flat.copy()
+        base = rt.weight_buffer.copy()
         a, b = adapters["a"], adapters["b"]
         # The base reference is measured like each row below: a prompt pass right after a generation.
         base_call = sorted(rt.generate(prompt, max_new_tokens=args.tokens) is None or timed(rt.step, prompt)
@@ -106,7 +106,7 @@ def main(argv=None) -> None:
             print(f"{label:<22}{live * 1e3:>10.1f}ms{rt.last_switch['scatter_s'] * 1e3:>9.2f}ms"
                   f"{ready * 1e3:>16.1f}ms{first / base_call:>16.2f}x   "
                   f"{' '.join(map(str, tokens[:12]))}{' ...' if len(tokens) > 12 else ''}")
-        print(f"\nback to base, every weight buffer bit-identical: {rt._backend.flat.tobytes() == base.tobytes()}")
+        print(f"\nback to base, every weight buffer bit-identical: {rt.weight_buffer.tobytes() == base.tobytes()}")
         print("(the first switch to an adapter includes reading, validating and mapping it; later ones are cached)")
     print(f"artifacts in {work}")
 

@@ -21,12 +21,14 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 
 from .fingerprint import base_fingerprint
 from .layout import buffer_positions
-from .patch import BASE_PLAN, Plan, PreparedAdapter, adapter_key, compose, file_view, pin_base, prepare_adapter
+from .patch import (BASE_PLAN, Plan, PreparedAdapter, Slot, adapter_key, compose, file_view, pin_base,
+                    prepare_adapter)
 from .rwlock import RWLock
 from .sampling import TokenPicker
 from .scatter import check_plan, scatter_into
@@ -181,6 +183,29 @@ class Runtime:
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Block until runs go at full speed; False if `timeout` seconds passed first."""
         return self._backend.wait_ready(timeout)
+
+    @property
+    def backend_name(self) -> str:
+        """"onnxruntime" or "executorch": the backend this export runs on."""
+        return self._backend.backend
+
+    @property
+    def start_timings(self) -> dict[str, float]:
+        """Seconds per start-up step of the backend's switch path ({} where the backend records none)."""
+        return dict(getattr(self._backend, "start_timings", {}))
+
+    @property
+    def slots(self) -> "MappingProxyType[str, Slot]":
+        """name -> Slot: where each manifest weight lives in `weight_buffer` (runtime/layout.py maps it)."""
+        return MappingProxyType(self._backend.slots)
+
+    @property
+    def weight_buffer(self) -> np.ndarray:
+        """A read-only view of the one float32 buffer every patchable weight lives in (live values). For checks
+        and benchmarks: compare snapshots of it, or time kernels on a copy; weights change only through switch()."""
+        view = self._backend.flat.view()
+        view.flags.writeable = False
+        return view
 
     # ------------------------------------------------------------------ running
 
@@ -338,7 +363,7 @@ class Runtime:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"Runtime({str(self.dir)!r}, backend={self._backend.backend}, switch_path={self.switch_path!r}, "
+        return (f"Runtime({str(self.dir)!r}, backend={self.backend_name}, switch_path={self.switch_path!r}, "
                 f"policy={self.policy!r}, active={self.active})")
 
 

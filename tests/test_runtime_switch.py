@@ -104,7 +104,7 @@ def _fused_weights(model):
 
 
 def _buffers(rt):
-    return rt._backend.flat.tobytes()
+    return rt.weight_buffer.tobytes()
 
 
 # ---------------------------------------------------------------- correctness against PEFT
@@ -170,6 +170,24 @@ def test_weight_is_a_copy_in_pytorch_layout(rt):
     assert rt.weight(name).any()
     with pytest.raises(KeyError, match="lm_head.weight"):
         rt.weight("lm_head.weight")
+
+
+def test_public_views_are_read_only(rt, adapters):
+    """weight_buffer and slots are views for checks and benchmarks: the weights change only through switch()."""
+    buf, slot = rt.weight_buffer, rt.slots["model.decoder.layers.1.self_attn.q_proj.weight"]
+    assert buf.dtype == np.float32 and not buf.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        buf[0] = 1.0
+    with pytest.raises(TypeError):
+        rt.slots["x"] = slot
+    assert rt.backend_name == rt.manifest["backend"] and isinstance(rt.start_timings, dict)
+    before = buf.copy()
+    rt.switch(str(adapters["a"][1]))
+    try:   # a view of the live weights, not a snapshot
+        assert not np.array_equal(buf, before) and np.array_equal(buf, rt.weight_buffer)
+    finally:
+        rt.switch(None)
+    assert np.array_equal(buf, before)
 
 
 def test_prepared_adapters_are_cached(rt, adapters):
