@@ -66,7 +66,6 @@ class Runtime:
         self._vocab = self.manifest["io"].get("vocab_size")   # validated by read_manifest
         pin_base(file_view(s) for s in self._backend.slots.values())   # base values as loaded (patch.read_base)
         self.scatter_threads = scatter_threads or threads or 1
-        self._digests = {w["name"]: (w["shape"], w["digest"]) for w in self.manifest["weights"]}
         self._lock = RWLock()
         self._adapters: dict[str, PreparedAdapter] = {}
         self._plans: OrderedDict[tuple, Plan] = OrderedDict()
@@ -77,7 +76,8 @@ class Runtime:
     # ------------------------------------------------------------------ adapters
 
     def _fingerprint_of(self, names) -> str:
-        return base_fingerprint({n: self._digests[n] for n in names if n in self._digests})
+        slots = self._backend.slots   # one Slot per manifest weight, digest included
+        return base_fingerprint({n: ((slots[n].out, slots[n].inp), slots[n].digest) for n in names if n in slots})
 
     def prepare(self, source) -> PreparedAdapter:
         """Read, validate and map one adapter (str, Path or bytes), or return the cached result."""
