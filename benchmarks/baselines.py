@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shira_edge.bench.engines import Loaded, kinds, set_threads, shape_of, stepper, token_ids
+from shira_edge.bench.engines import PlainModel as Loaded, kinds, set_threads, shape_of, stepper, token_ids
 from shira_edge.bench.stats import interleave, machine_info, paired_ratio, summarize
 
 GENAI_HINT = "onnxruntime-genai is not installed: pip install -e '.[baselines]'  (onnxruntime-genai==0.18.0)"

@@ -81,13 +81,13 @@ def switch(export_dir: Path, rounds: int, root: Path) -> dict:
 def latency(export_dir: Path, rounds: int, root: Path) -> dict:
     import torch  # noqa: F401  (the bindings' base needs it)
 
-    from shira_edge.bench.engines import Loaded, shape_of, stepper, token_ids
+    from shira_edge.bench.engines import PlainModel, shape_of, stepper, token_ids
     from shira_edge.runtime import Runtime, et_native
     from shira_edge.runtime.manifest import read_manifest
 
     manifest = read_manifest(export_dir)
     _one_thread()
-    base = Loaded("executorch", export_dir, manifest, 1)
+    base = PlainModel("executorch", export_dir, manifest, 1)
     rt = Runtime(export_dir, threads=1)
     rt.switch(_adapters(manifest, root)[0])
     heap = et_native.NativeProgram(et_native.library(), export_dir / "model.pte", export_dir / "model.ptd",
@@ -114,7 +114,7 @@ def memory_of(export_dir: Path, mode: str, root: Path) -> dict:
     import torch  # noqa: F401  (every ExecuTorch mode of the bench imports torch and the bindings first)
     from executorch.extension.pybindings import portable_lib  # noqa: F401
 
-    from shira_edge.bench.engines import Loaded, stepper
+    from shira_edge.bench.engines import PlainModel, stepper
     from shira_edge.bench.memory import Footprint
     from shira_edge.runtime import Runtime
     from shira_edge.runtime.manifest import read_manifest
@@ -124,7 +124,7 @@ def memory_of(export_dir: Path, mode: str, root: Path) -> dict:
     footprint = Footprint()
     kinds = ("decode", "prefill_128")
     if mode == "base":
-        base = Loaded("executorch", export_dir, manifest, 1)
+        base = PlainModel("executorch", export_dir, manifest, 1)
         for kind in kinds:
             base.call(kind)()
     else:

@@ -30,35 +30,17 @@ from pathlib import Path
 import numpy as np
 
 from shira_edge.runtime import Runtime
-from shira_edge.bench.adapters import random_shira
+from shira_edge.bench.adapters import patchable, random_shira
+from shira_edge.bench.engines import shape_of
+from shira_edge.bench.ort_baseline import OrtBaseline
 from shira_edge.runtime.shira_format import write_shira
 
-SHAPES = {"decode 1 (past 32)": (1, 32), "prefill 32": (32, 0), "prefill 128": (128, 0)}
+SHAPES = {"decode 1 (past 32)": "decode", "prefill 32": "prefill_32", "prefill 128": "prefill_128"}   # bench kinds
 
 
 def random_adapter(manifest: dict, density: float, seed: int, path: Path) -> Path:
-    patchable = [w for w in manifest["weights"] if w["patchable"]]
-    write_shira(path, random_shira(f"random-{seed}", patchable, r=None, seed=seed, density=density))
+    write_shira(path, random_shira(f"random-{seed}", patchable(manifest), r=None, seed=seed, density=density))
     return path
-
-
-def plain_session(export_dir: Path, threads: int):
-    """The base model's best configuration: a plain ORT session, prepacking on, all graph optimizations."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    return ort.InferenceSession(str(export_dir / "model.onnx"), so, providers=["CPUExecutionProvider"])
-
-
-def plain_feeds(manifest: dict, seq: int, past: int) -> dict:
-    cache = manifest["io"]["cache"]
-    feeds = {"input_ids": np.full((1, seq), 5, np.int64), "attention_mask": np.ones((1, past + seq), np.int64),
-             "position_ids": np.arange(past, past + seq, dtype=np.int64)[None]}
-    for name in cache["past"]:
-        feeds[name] = np.random.default_rng(0).standard_normal((1, cache["num_heads"], past, cache["head_dim"]),
-                                                               dtype=np.float32)
-    return feeds
 
 
 def median_ms(samples) -> float:
@@ -66,15 +48,17 @@ def median_ms(samples) -> float:
 
 
 def onnx_latency(export_dir: Path, manifest: dict, adapter: Path, threads: int, repeats: int) -> dict:
-    plain = plain_session(export_dir, threads)
+    baseline = OrtBaseline(export_dir, manifest, threads)   # the base model's best configuration: prepacking on
+    plain = baseline.base_session()
     rts = {p: Runtime(export_dir, threads=threads, policy=p, in_place=False) for p in ("instant", "auto")}
     rts["packed-in-place"] = Runtime(export_dir, threads=threads)
     for rt in rts.values():
         rt.switch(adapter)
         rt.wait_ready()
     results = {}
-    for label, (seq, past) in SHAPES.items():
-        feeds = plain_feeds(manifest, seq, past)
+    for label, kind in SHAPES.items():
+        seq, past = shape_of(kind)
+        feeds = baseline.feeds(kind)
         calls = {"base (plain session)": lambda: plain.run(["logits"], feeds)}
         for policy, rt in rts.items():
             ids = np.full((1, seq), 5, np.int64)
@@ -131,7 +115,7 @@ def scatter_floor(export_dir: Path, adapter: Path, repeats: int) -> dict:
     from shira_edge.runtime.scatter import scatter_into
 
     with Runtime(export_dir, policy="instant", in_place=False) as rt:
-        plan, flat = rt.plan(adapter), rt._backend.flat
+        plan, flat = rt.plan(adapter), rt.weight_buffer.copy()   # the same kernel on a same-size copy
         lines = np.unique(plan.positions // 16).size
         big = np.empty(64 << 20, np.uint8)
         copy = []
@@ -150,7 +134,7 @@ def scatter_floor(export_dir: Path, adapter: Path, repeats: int) -> dict:
         # LoRA fusion into the same buffers at the same parameter count (r = density * out*in / (out+in)):
         # W += B @ A per weight, in the buffer's layout (a transposed buffer gets (B @ A).T = A.T @ B.T).
         rng, lora = np.random.default_rng(0), []
-        slots = [s for s in rt._backend.slots.values() if s.patchable]
+        slots = [s for s in rt.slots.values() if s.patchable]
         factors = []
         for slot in slots:
             r = max(1, round(plan.positions.size / len(slots) / (slot.out + slot.inp)))

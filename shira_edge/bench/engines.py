@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-DECODE_PAST = 32
+DECODE_PAST = 32          # decode: 1 new token after a 32-token prompt held in the KV cache
 PREFILLS = (32, 128)
 
 
@@ -55,7 +55,7 @@ def stepper(obj, manifest: dict, kind: str):
     return lambda: obj.step(ids, cache)
 
 
-class Loaded:
+class PlainModel:
     """A model loaded the plain way (no shira-edge runtime) with a `step`-like call per kind."""
 
     def __init__(self, backend: str, export_dir: Path, manifest: dict, threads: int, model_dir: Path | None = None,
@@ -65,9 +65,9 @@ class Loaded:
         if backend == "onnxruntime":
             import onnxruntime as ort
 
-            from .onnx_side import OnnxSide
+            from .ort_baseline import OrtBaseline
 
-            self._side = OnnxSide(Path(export_dir), manifest, threads)
+            self._side = OrtBaseline(Path(export_dir), manifest, threads)
             so = self._side.options()
             so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
             self._sess = ort.InferenceSession(str(model_path or model_dir / manifest["files"]["model"]), so,

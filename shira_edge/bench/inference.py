@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .engines import Loaded, kinds, stepper
+from .engines import PlainModel, kinds, stepper
 from .stats import interleave, paired_ratio, summarize
 
 
@@ -27,12 +27,12 @@ def run(export_dir: Path, manifest: dict, r: int, shira: tuple[Path, Path], lora
 
     backend = manifest["backend"]
     if backend == "onnxruntime":
-        bases = {"base_all": Loaded(backend, export_dir, manifest, threads, level="ORT_ENABLE_ALL"),
-                 "base_extended": Loaded(backend, export_dir, manifest, threads,
-                                         level=manifest["files"].get("graph_optimization_level", "ORT_ENABLE_EXTENDED"))}
+        bases = {"base_all": PlainModel(backend, export_dir, manifest, threads, level="ORT_ENABLE_ALL"),
+                 "base_extended": PlainModel(backend, export_dir, manifest, threads,
+                                             level=manifest["files"].get("graph_optimization_level", "ORT_ENABLE_EXTENDED"))}
     else:
-        bases = {"base": Loaded(backend, export_dir, manifest, threads)}
-    unfused = (Loaded(backend, export_dir, manifest, threads, model_path=lora_graph, extra_feeds=lora_feeds)
+        bases = {"base": PlainModel(backend, export_dir, manifest, threads)}
+    unfused = (PlainModel(backend, export_dir, manifest, threads, model_path=lora_graph, extra_feeds=lora_feeds)
                if lora_graph is not None else None)
     rt = Runtime(export_dir, threads=threads, policy="auto", scatter_threads=threads)
     x_path, y_path = shira

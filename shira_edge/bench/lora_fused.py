@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .adapters import LoraFactors, layout_factors
+from .adapters import LoraFactors, layout_factors, patchable
 
 
 class LoraFused:
@@ -30,7 +30,7 @@ class LoraFused:
         else:
             from ..runtime.executorch_backend import ExecuTorchBackend
             self.backend = ExecuTorchBackend(export_dir, manifest, threads=threads, in_place=False)
-        self.weights = [w for w in manifest["weights"] if w["patchable"]]
+        self.weights = patchable(manifest)
         self._views = {}
         for w in self.weights:
             s = self.backend.slots[w["name"]]

@@ -28,11 +28,10 @@ MODES = ("base", "shira", "lora_fused", "lora_unfused", "naive_reload")
 
 
 def measure(spec: dict) -> dict:
-    import numpy as np
     import psutil
 
     from ..runtime.manifest import read_manifest
-    from .engines import Loaded, set_threads, stepper
+    from .engines import PlainModel, set_threads, stepper
 
     export_dir, mode, threads = Path(spec["export_dir"]), spec["mode"], int(spec["threads"])
     manifest = read_manifest(export_dir)
@@ -53,7 +52,7 @@ def measure(spec: dict) -> dict:
             (calls(kind) if calls else stepper(obj, manifest, kind))()
 
     if mode == "base":
-        base = Loaded(backend, export_dir, manifest, threads)
+        base = PlainModel(backend, export_dir, manifest, threads)
         run_all(None, base.call)
     elif mode == "shira":
         from ..runtime import Runtime
@@ -64,11 +63,11 @@ def measure(spec: dict) -> dict:
                 rt.wait_ready()
                 run_all(rt)
     elif mode == "lora_fused":
-        from .adapters import random_lora
+        from .adapters import patchable, random_lora
         from .lora_fused import LoraFused
 
         lf = LoraFused(export_dir, manifest, threads)
-        weights = [w for w in manifest["weights"] if w["patchable"]]
+        weights = patchable(manifest)
         old = None
         for seed in (1, 2):
             new = random_lora(weights, spec["r"], seed)
@@ -79,21 +78,22 @@ def measure(spec: dict) -> dict:
         lf.close()
     elif mode == "lora_unfused":
         from .adapters import random_lora
-        from .onnx_side import OnnxSide
+        from .adapters import patchable
+        from .ort_baseline import OrtBaseline
 
-        side = OnnxSide(export_dir, manifest, threads)
-        feeds = side.lora_feeds(random_lora([w for w in manifest["weights"] if w["patchable"]], spec["r"], 1))
-        model = Loaded(backend, export_dir, manifest, threads, model_path=Path(spec["lora_graph"]), extra_feeds=feeds)
+        side = OrtBaseline(export_dir, manifest, threads)
+        feeds = side.lora_feeds(random_lora(patchable(manifest), spec["r"], 1))
+        model = PlainModel(backend, export_dir, manifest, threads, model_path=Path(spec["lora_graph"]),
+                           extra_feeds=feeds)
         run_all(None, model.call)
     elif mode == "naive_reload":
         model = None
         for _ in range(2):
             model = None
-            model = Loaded(backend, export_dir, manifest, threads, model_dir=Path(spec["fused_dir"]))
+            model = PlainModel(backend, export_dir, manifest, threads, model_dir=Path(spec["fused_dir"]))
             run_all(None, model.call)
     else:
         raise ValueError(f"mode {mode!r} is not one of {MODES}")
-    del np
     peak = peak_rss()
     end, peak_footprint, tmpfs_end = footprint.stop()
     return {"mode": mode, "backend": backend, "r": spec.get("r"), "peak_rss_bytes": peak,

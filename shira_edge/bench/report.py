@@ -110,9 +110,13 @@ def _spread(s: dict) -> str:
             + (f", median 95% CI {ci[0]:.3f}-{ci[1]:.3f}" if ci else "") + f", n={s['n']}")
 
 
-def write_all(result: dict, out_dir: Path) -> None:
-    from .runner import dump_json
+def dump_json(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.replace(path)
 
+
+def write_all(result: dict, out_dir: Path) -> None:
     dump_json(result, out_dir / "bench.json")
     md = markdown(result)
     tmp = out_dir / "bench.md.tmp"

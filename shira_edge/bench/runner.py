@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -33,7 +32,7 @@ def run_bench(model: str, *, backends, ranks, threads: int, quick: bool, out_dir
     from . import inference, memory, report, switch, weight_update
     from .adapters import patchable, random_lora, write_fused_copy, write_random_shira
     from .engines import kinds, set_threads
-    from .onnx_side import OnnxSide
+    from .ort_baseline import OrtBaseline
     from .stats import machine_info
 
     started = time.perf_counter()
@@ -82,7 +81,7 @@ def run_bench(model: str, *, backends, ranks, threads: int, quick: bool, out_dir
             weights = patchable(m)
             wdir = work / backend
             wdir.mkdir(parents=True, exist_ok=True)
-            side = OnnxSide(d, m, threads) if backend == "onnxruntime" else None
+            side = OrtBaseline(d, m, threads) if backend == "onnxruntime" else None
             lora_graph = side.lora_graph(wdir / "lora-side-branches") if side else None
             for i, r in enumerate(ranks):
                 shira = (write_random_shira(wdir / f"shira-r{r}-x.shira", weights, r, 1),
@@ -159,9 +158,3 @@ def _export(model: str, backend: str, random_init: bool, seed: int, given: Path 
 
 def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def dump_json(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .engines import Loaded, runtime_cache, token_ids
+from .adapters import patchable
+from .engines import PlainModel, runtime_cache, token_ids
 from .lora_fused import LoraFused
 from .stats import interleave, paired_ratio, summarize
 
@@ -53,7 +54,7 @@ def run(export_dir: Path, manifest: dict, r: int, shira: tuple[Path, Path], lora
 
     started = time.perf_counter()
     rt = Runtime(export_dir, threads=threads, policy="auto", scatter_threads=threads)
-    startup = {"runtime_s": time.perf_counter() - started, **getattr(rt._backend, "start_timings", {})}
+    startup = {"runtime_s": time.perf_counter() - started, **rt.start_timings}
     switch_path = rt.switch_path
     lf = LoraFused(export_dir, manifest, threads)
     try:
@@ -102,7 +103,7 @@ def run(export_dir: Path, manifest: dict, r: int, shira: tuple[Path, Path], lora
 
         def naive_reload():
             state["naive"] = None   # an app drops the old model, then loads the next one
-            state["naive"] = Loaded(backend, export_dir, manifest, threads, model_dir=fused_dir)
+            state["naive"] = PlainModel(backend, export_dir, manifest, threads, model_dir=fused_dir)
             state["naive"].call("decode")()
 
         modes = {"shira_warm": lambda: timed_switch(y_path), "shira_cold": lambda: timed_switch(state["cold_path"]),
@@ -116,8 +117,7 @@ def run(export_dir: Path, manifest: dict, r: int, shira: tuple[Path, Path], lora
     warm_live, warm_ready = times["shira_warm.live"], times["shira_warm.ready"]
     result = {
         "backend": backend, "r": r, "nnz": int(plan_y.positions.size),
-        "density": plan_y.positions.size / sum(w["shape"][0] * w["shape"][1]
-                                               for w in manifest["weights"] if w["patchable"]),
+        "density": plan_y.positions.size / sum(w["shape"][0] * w["shape"][1] for w in patchable(manifest)),
         "touched_bytes": lines * LINE_FLOATS * 4, "policy": "auto", "switch_path": switch_path, "startup": startup,
         "modes": {k: summarize(v) for k, v in times.items()},
         "ratios": {

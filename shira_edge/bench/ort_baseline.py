@@ -3,8 +3,8 @@ configuration, LoRA fused into our own weight buffers, the naive fully-fused rel
 branches (the way ONNX Runtime's multi-LoRA support runs adapters: A and B are extra graph inputs).
 
     >>> from pathlib import Path                                                    # doctest: +SKIP
-    >>> ort_side = OnnxSide(Path("out/"), read_manifest("out/"), threads=2)         # doctest: +SKIP
-    >>> sess = ort_side.base_session(); ort_side.step(sess, "decode")               # doctest: +SKIP
+    >>> baseline = OrtBaseline(Path("out/"), read_manifest("out/"), threads=2)      # doctest: +SKIP
+    >>> sess = baseline.base_session(); sess.run(["logits"], baseline.feeds("decode"))   # doctest: +SKIP
 
 "Best configuration" is what a plain app would ship: ORT_ENABLE_ALL with prepacking on (the ORT default), threads
 fixed. The exporter's own setting (EXTENDED, prepacking off) exists so patches are visible; the base must not pay
@@ -22,20 +22,22 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from .adapters import LoraFactors
+from .adapters import LoraFactors, patchable
+from .engines import shape_of
 
-DECODE_PAST = 32          # decode: 1 new token after a 32-token prompt held in the KV cache
 LORA_DIR = "lora-side-branches"
 
 
-class OnnxSide:
+class OrtBaseline:
+    """What the bench compares the runtime with on ONNX Runtime: plain sessions, their feeds, LoRA side branches."""
+
     def __init__(self, export_dir: Path, manifest: dict, threads: int):
         self.dir, self.manifest, self.threads = Path(export_dir), manifest, threads
         self.model_path = self.dir / manifest["files"]["model"]
         cache = manifest["io"]["cache"]
         self.layers, self.heads, self.head_dim = cache["num_layers"], cache["num_heads"], cache["head_dim"]
         self.vocab = manifest["io"]["vocab_size"]
-        self.weights = [w for w in manifest["weights"] if w["patchable"]]
+        self.weights = patchable(manifest)
 
     def options(self) -> ort.SessionOptions:
         so = ort.SessionOptions()
@@ -51,8 +53,8 @@ class OnnxSide:
     # ---------------------------------------------------------------- inputs
 
     def feeds(self, kind: str, seed: int = 0) -> dict[str, np.ndarray]:
-        """kind: "decode" (1 token, DECODE_PAST in the cache) or "prefill_N" (N tokens, empty cache)."""
-        seq, past = (1, DECODE_PAST) if kind == "decode" else (int(kind.split("_")[1]), 0)
+        """kind: "decode" (1 token, engines.DECODE_PAST in the cache) or "prefill_N" (N tokens, empty cache)."""
+        seq, past = shape_of(kind)
         rng = np.random.default_rng(seed)
         feeds = {"input_ids": rng.integers(4, self.vocab, size=(1, seq), dtype=np.int64),
                  "attention_mask": np.ones((1, past + seq), np.int64),
