@@ -37,7 +37,7 @@ def build(method: str, args):
 
 
 def attach(method: str, base, args):
-    from shira_edge.tuner.model import adapt
+    from shira_edge.tuner.adapt import adapt
 
     kind = "lora" if method == "lora" else "shira"
     return adapt(base, method=kind, r=args.r, target_modules=args.targets, mask="rand", mask_seed=0,

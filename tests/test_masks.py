@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from shira_edge.tuner.masks import MASKS, gradient_scores, make_mask_fn, max_rank, top_k_mask
-from shira_edge.tuner.model import adapter_config
+from shira_edge.tuner.adapt import adapter_config
 
 OUT, IN, R = 10, 12, 2
 K = R * (OUT + IN)  # 44 of 120

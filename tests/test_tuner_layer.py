@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from shira_edge.tuner.layer import EfficientShiraLinear, to_efficient, to_peft
-from shira_edge.tuner.model import adapter_config
+from shira_edge.tuner.adapt import adapter_config
 
 OUT, IN = 12, 16
 

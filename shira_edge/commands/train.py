@@ -46,7 +46,7 @@ def train(model, data, method, mask, r, target_modules, steps, epochs, lr, batch
     Runs unchanged under `torchrun --nproc_per_node N` and `accelerate launch` (only rank 0 writes).
     """
     from shira_edge.data import DataError
-    from shira_edge.tuner.model import TunerInputError
+    from shira_edge.tuner.adapt import TunerInputError
     from shira_edge.tuner.train import train_adapter
 
     modules = [m.strip() for m in target_modules.split(",") if m.strip()]

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from shira_edge.quality import split_label
 from shira_edge.tuner.layer import to_peft
 from shira_edge.tuner.masks import NEEDS_GRADIENTS, gradient_scores
-from shira_edge.tuner.model import adapt, adapter_config, find_targets
+from shira_edge.tuner.adapt import adapt, adapter_config, find_targets
 
 IGNORE = -100
 

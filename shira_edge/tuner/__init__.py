@@ -1,5 +1,5 @@
 """shira-edge's SHiRA tuner, on top of PEFT: masks (`masks`), a copy-free SHiRA training layer (`layer`),
-model wrapping with input checks (`model`) and the training loop (`train`). This file stays torch-free so that
+adapting a model with input checks (`adapt`) and the training loop (`train`). This file stays torch-free so that
 `shira-edge train --help` starts fast.
 
     >>> from shira_edge.tuner.train import train_adapter             # doctest: +SKIP

@@ -31,7 +31,7 @@ from shira_edge.pack import SIDECAR
 
 from .layer import EfficientShiraLinear, to_peft
 from .masks import NEEDS_GRADIENTS, gradient_scores
-from .model import DEFAULT_TARGETS, TunerInputError, adapt, check_rank, check_request, find_targets
+from .adapt import DEFAULT_TARGETS, TunerInputError, adapt, check_rank, check_request, find_targets
 
 
 @dataclass

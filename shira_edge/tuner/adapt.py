@@ -1,7 +1,7 @@
 """Put a SHiRA (or LoRA baseline) adapter on a causal LM, through PEFT, after checking the request.
 
     >>> from shira_edge.models import load_model
-    >>> from shira_edge.tuner.model import adapt
+    >>> from shira_edge.tuner.adapt import adapt
     >>> model, _ = load_model("tiny-opt")
     >>> peft_model = adapt(model, method="shira", r=4, target_modules=["q_proj", "v_proj"], mask="wm")
     >>> peft_model.get_nb_trainable_parameters()[0]   # 2 layers x 2 modules x 4 x (32 + 32)
