@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
+from importlib import resources
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-# A 2-layer OPT with hidden size 32: the shape every fast test uses.
-TINY_OPT = dict(
-    vocab_size=512, hidden_size=32, word_embed_proj_dim=32, ffn_dim=64, num_hidden_layers=2,
-    num_attention_heads=4, max_position_embeddings=256, dropout=0.0, attention_dropout=0.0,
-    activation_dropout=0.0, layerdrop=0.0, do_layer_norm_before=True, enable_bias=True,
-    pad_token_id=1, bos_token_id=2, eos_token_id=2,
-)
+# A 2-layer OPT with hidden size 32: the shape every fast test uses. It is the shipped tiny-opt config (the
+# `tiny-opt` alias), so a test model and `--model tiny-opt --random-init` are one model, defined once.
+TINY_OPT = {k: v for k, v in json.loads(resources.files("shira_edge").joinpath("configs", "tiny-opt.json")
+                                        .read_text()).items()
+            if not k.startswith("_") and k not in ("architectures", "model_type")}
 
 
 def make_tiny_opt(seed: int = 0, **overrides):
