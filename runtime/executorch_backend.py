@@ -53,7 +53,6 @@ class ExecuTorchBackend:
             raise ValueError(f"policy {policy!r}: a switch on ExecuTorch returns with the program at full speed, so "
                              f"it supports {POLICIES} (the same thing there); use an ONNX export for 'instant'")
         self.dir = Path(export_dir)
-        self.policy = policy
         files = manifest.get("files", {})
         self._pte = self.dir / files.get("program", "model.pte")
         self._data = self.dir / files.get("data", "model.ptd")
