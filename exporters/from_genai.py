@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import ExportError
+from .common import ExportError, tied_weights
 
 CONFIG = "genai_config.json"
 # The builder's fused GroupQueryAttention sums in another order than PyTorch: on SmolLM2-135M its fp32 logits differ
@@ -121,9 +121,7 @@ def weight_map(model, tensors: list[Stored]) -> list[dict]:
     from shira_edge.runtime.fingerprint import weight_digest
     from shira_edge.runtime.manifest import weight_entry
 
-    owners: dict[int, str] = {}
-    for name, param in model.named_parameters():   # first name of each tensor: the one tied weights point to
-        owners.setdefault(param.data_ptr(), name)
+    tied = tied_weights(model)   # name -> the weight it shares storage with (the one rule, exporters/common.py)
     entries = []
     for module_name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
@@ -136,10 +134,9 @@ def weight_map(model, tensors: list[Stored]) -> list[dict]:
             raise ExportError(f"{name} ({w.shape[0]}x{w.shape[1]}) is found {what} in the builder's float32 "
                               f"initializers; --model must be the exact model the folder was built from, with -p fp32")
         t, layout, out_offset = hits[0]
-        owner = owners[module.weight.data_ptr()]
-        tied = owner != name
+        owner = tied.get(name)
         entry = weight_entry(name, w.shape, t.name, layout, t.file, t.offset, w.size * 4, weight_digest(w),
-                             patchable=not tied, note=f"tied to {owner}; not patchable" if tied else None)
+                             patchable=owner is None, note=f"tied to {owner}; not patchable" if owner else None)
         if t.array.shape != (w.shape if layout == "as_is" else w.shape[::-1]):   # a slice of a fused tensor
             entry.update(nbytes=t.array.size * 4, tensor_shape=list(t.array.shape), out_offset=out_offset)
         entries.append(entry)
