@@ -402,11 +402,13 @@ def et_load(out, ptd: bytes | None = None):
     """Load model.pte with its weights from a file (ptd None) or from an in-memory buffer."""
     from executorch.extension.pybindings import portable_lib
 
+    from shira_edge.runtime import et_compat
+
     if ptd is None:
         return portable_lib._load_for_executorch(str(out / "model.pte"), str(out / "model.ptd"))
     pte = (out / "model.pte").read_bytes()
     _ALIVE.extend([pte, ptd])
-    return portable_lib._load_for_executorch_from_buffer(pte, ptd)
+    return et_compat.load_from_buffer(pte, ptd)
 
 
 def et_full(module, ids: torch.Tensor) -> torch.Tensor:
