@@ -81,42 +81,39 @@ def _packed_ints(value) -> list[int]:
     return out
 
 
+def _main_graph(model: bytes, field: int):
+    """The main graph's (ModelProto field 7) entries of one GraphProto field: 1 node, 5 initializer."""
+    for number, _, graph in fields(model):
+        if number == 7:
+            yield from (value for gnum, _, value in fields(graph) if gnum == field)
+
+
 def initializers(model: bytes) -> list[Initializer]:
     """The graph initializers of a serialized ModelProto (main graph only)."""
     out = []
-    for number, _, graph in fields(model):
-        if number != 7:
-            continue
-        for gnum, _, tensor in fields(graph):
-            if gnum != 5:
-                continue
-            init = Initializer()
-            for tnum, _, value in fields(tensor):
-                if tnum == 1:
-                    init.dims += _packed_ints(value)
-                elif tnum == 8:
-                    init.name = bytes(value).decode()
-                elif tnum == 13:
-                    entry = {n: bytes(v).decode() for n, _, v in fields(value)}
-                    init.external[entry.get(1, "")] = entry.get(2, "")
-            out.append(init)
+    for tensor in _main_graph(model, 5):
+        init = Initializer()
+        for tnum, _, value in fields(tensor):
+            if tnum == 1:
+                init.dims += _packed_ints(value)
+            elif tnum == 8:
+                init.name = bytes(value).decode()
+            elif tnum == 13:
+                entry = {n: bytes(v).decode() for n, _, v in fields(value)}
+                init.external[entry.get(1, "")] = entry.get(2, "")
+        out.append(init)
     return out
 
 
 def consumers(model: bytes) -> dict[str, list[str]]:
     """tensor name -> op types of the main-graph nodes that read it."""
     out: dict[str, list[str]] = {}
-    for number, _, graph in fields(model):
-        if number != 7:
-            continue
-        for gnum, _, node in fields(graph):
-            if gnum != 1:
-                continue
-            parts = list(fields(node))
-            op = next((bytes(v).decode() for n, _, v in parts if n == 4), "")
-            for n, _, v in parts:
-                if n == 1:
-                    out.setdefault(bytes(v).decode(), []).append(op)
+    for node in _main_graph(model, 1):
+        parts = list(fields(node))
+        op = next((bytes(v).decode() for n, _, v in parts if n == 4), "")
+        for n, _, v in parts:
+            if n == 1:
+                out.setdefault(bytes(v).decode(), []).append(op)
     return out
 
 
