@@ -93,15 +93,15 @@ def parity_prompt(vocab_size: int, bos: int | None, pad: int | None) -> tuple[np
 
 def run(sess, num_layers: int, ids, mask, positions, past=None):
     """One step: returns (logits, present list)."""
+    from shira_edge.runtime.onnx_backend import decoder_feeds
+
     batch = ids.shape[0]
-    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
     if past is None:
         meta = {i.name: i.shape for i in sess.get_inputs()}
         _, heads, _, head_dim = meta["past.0.key"]
         past = [np.zeros((batch, heads, 0, head_dim), np.float32) for _ in range(2 * num_layers)]
-    for i in range(num_layers):
-        feeds[f"past.{i}.key"], feeds[f"past.{i}.value"] = past[2 * i], past[2 * i + 1]
-    logits, *present = sess.run(None, feeds)
+    names = [f"past.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    logits, *present = sess.run(None, decoder_feeds(ids, mask, positions, names, past))
     return logits, present
 
 

@@ -40,6 +40,23 @@ ALIGN_ELEMENTS = 16     # each weight starts on a 64-byte line, so no cache line
 PROBE_IDS = np.array([[2, 3, 4, 5, 6, 7]], np.int64)   # the start-up self-test's input
 
 
+def decoder_feeds(input_ids, attention_mask, position_ids, past_names, past) -> dict:
+    """The inputs of one step of an exported decoder graph (docs/exporters.md, Graph I/O): the new tokens, the mask
+    over past + new tokens, their positions (None for a graph that derives them, e.g. an onnxruntime-genai builder's)
+    and the KV cache, one array per name in `past_names` (manifest io.cache.past).
+
+    >>> import numpy as np
+    >>> sorted(decoder_feeds(np.ones((1, 2), np.int64), np.ones((1, 2), np.int64), None, ["past.0.key"],
+    ...                      [np.zeros((1, 4, 0, 8), np.float32)]))
+    ['attention_mask', 'input_ids', 'past.0.key']
+    """
+    feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if position_ids is not None:
+        feeds["position_ids"] = position_ids
+    feeds.update(zip(past_names, past))
+    return feeds
+
+
 class PackedPathWarning(RuntimeWarning):
     """The packed-in-place switch is unavailable here; the backend rebuilds packed sessions instead."""
 
@@ -144,11 +161,9 @@ class OnnxBackend:
         cache = cache or self.empty_cache(batch)
         past_len = cache["mask"].shape[1]
         mask = np.concatenate([cache["mask"], np.ones((batch, seq), np.int64)], axis=1)
-        feeds = {"input_ids": input_ids, "attention_mask": mask,
-                 "position_ids": np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq))}
-        feeds.update(zip(self.past_names, cache["past"]))
-        if not self.takes_positions:
-            del feeds["position_ids"]
+        positions = (np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq))
+                     if self.takes_positions else None)
+        feeds = decoder_feeds(input_ids, mask, positions, self.past_names, cache["past"])
         logits, *present = session.run(["logits", *self.present_names], feeds)
         return logits, {"past": present, "mask": mask}
 

@@ -22,6 +22,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from ..runtime.onnx_backend import decoder_feeds
 from .adapters import LoraFactors, patchable
 from .engines import shape_of
 
@@ -56,13 +57,11 @@ class OrtBaseline:
         """kind: "decode" (1 token, engines.DECODE_PAST in the cache) or "prefill_N" (N tokens, empty cache)."""
         seq, past = shape_of(kind)
         rng = np.random.default_rng(seed)
-        feeds = {"input_ids": rng.integers(4, self.vocab, size=(1, seq), dtype=np.int64),
-                 "attention_mask": np.ones((1, past + seq), np.int64),
-                 "position_ids": np.arange(past, past + seq, dtype=np.int64)[None]}
-        for i in range(self.layers):
-            for kv in ("key", "value"):
-                feeds[f"past.{i}.{kv}"] = rng.standard_normal((1, self.heads, past, self.head_dim), dtype=np.float32)
-        return feeds
+        ids = rng.integers(4, self.vocab, size=(1, seq), dtype=np.int64)
+        names = self.manifest["io"]["cache"]["past"]
+        cache = [rng.standard_normal((1, self.heads, past, self.head_dim), dtype=np.float32) for _ in names]
+        return decoder_feeds(ids, np.ones((1, past + seq), np.int64), np.arange(past, past + seq, dtype=np.int64)[None],
+                             names, cache)
 
     # ---------------------------------------------------------------- unfused LoRA on side branches
 
