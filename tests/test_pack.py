@@ -266,6 +266,18 @@ def test_pack_errors_name_the_problem_and_write_nothing(peft_adapters, tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".shira" or p.name.startswith(".out")) == []
 
 
+def test_pack_library_raises_its_own_error(tmp_path):
+    """pack_adapter is a library function: bad input is a PackError naming the dir, not a click exception."""
+    import click
+
+    from shira_edge.pack import PackError, pack_adapter
+
+    with pytest.raises(PackError, match=str(tmp_path)) as info:
+        pack_adapter(tmp_path, tmp_path / "a.shira", model="tiny-opt")
+    assert not isinstance(info.value, click.ClickException)
+    assert not (tmp_path / "a.shira").exists()
+
+
 def test_interrupted_pack_leaves_no_file(peft_adapters, tmp_path, monkeypatch):
     import shira_edge.runtime.shira_format as fmt
     from shira_edge.pack import pack_adapter
