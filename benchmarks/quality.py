@@ -6,8 +6,8 @@ snip, struct) at equal trainable parameters, alone and fused, by greedy exact ma
     nice .venv/bin/python benchmarks/quality.py --methods lora shira-wm --seeds 0 -o r.json       # reduced, labelled
     .venv/bin/python benchmarks/quality.py --quick -o /tmp/q.json      # tiny model + test samples, under a minute
 
---export names an ONNX export of the same model (`shira-edge export --model smollm2-135m -o DIR`); without it the study
-exports one into its work directory first. Any flag that makes the run smaller than the full study labels the
+--export names an ONNX export of the same model (`shira-edge export --model smollm2-135m -o DIR`); without it the
+study exports one into its work directory first. Any flag that makes the run smaller than the full study labels the
 results "reduced" with what was cut. Progress goes to stderr, the tables to stdout and to the .md beside the JSON,
 together with the full study's time estimated from this run's measured step times. The study itself lives in
 shira_edge/quality/ (study.py); the reading is in docs/quality.md.
