@@ -36,7 +36,8 @@ from shira_edge.quality.tasks import TASKS, TaskDataMissing, load_task  # noqa: 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-o", "--output", required=True, type=Path, help="results JSON (tables also go to the .md beside it)")
+    p.add_argument("-o", "--output", required=True, type=Path,
+                   help="results JSON (tables also go to the .md beside it)")
     p.add_argument("--quick", action="store_true", help="tiny random Llama on the shipped 60-entry samples (tests)")
     p.add_argument("--model", help=f"base model alias or directory (default {FULL.model})")
     p.add_argument("--export", help="ONNX export dir of the same model, reused read-only (default: export one)")
