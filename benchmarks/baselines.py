@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shira_edge.bench.engines import PlainModel as Loaded, kinds, set_threads, shape_of, stepper, token_ids
+from shira_edge.bench.engines import PlainModel, kinds, set_threads, shape_of, stepper, token_ids
 from shira_edge.bench.stats import interleave, machine_info, paired_ratio, summarize
 
 GENAI_HINT = "onnxruntime-genai is not installed: pip install -e '.[baselines]'  (onnxruntime-genai==0.18.0)"
@@ -219,9 +219,9 @@ def time_onnx(genai: Path | None, onnx: Path | None, samples: int, warmup: int, 
         engines["genai graph, patchable options"] = GenaiGraph(genai, 1, "ORT_ENABLE_EXTENDED", prepacking=False)
     if onnx:
         manifest = read_manifest(onnx)
-        engines["shira-edge graph, ORT defaults"] = Loaded("onnxruntime", onnx, manifest, 1)
-        engines["shira-edge graph, its level"] = Loaded("onnxruntime", onnx, manifest, 1,
-                                                        level=manifest["files"]["graph_optimization_level"])
+        engines["shira-edge graph, ORT defaults"] = PlainModel("onnxruntime", onnx, manifest, 1)
+        engines["shira-edge graph, its level"] = PlainModel("onnxruntime", onnx, manifest, 1,
+                                                            level=manifest["files"]["graph_optimization_level"])
         engines["shira-edge Runtime, step()"] = Runtime(onnx, threads=1)
         manifests["shira-edge Runtime, step()"] = manifest
     if from_genai:   # the builder's graph behind shira-edge's runtime: `export --from` output
@@ -250,7 +250,7 @@ def time_et(et_llm: Path | None, et: Path | None, samples: int, warmup: int) -> 
     if et_llm:
         engines["export_llm .pte (XNNPACK)"] = EtLlmProgram(et_llm / "model.pte")
     if et:
-        engines["shira-edge .pte"] = Loaded("executorch", et, read_manifest(et), 1)
+        engines["shira-edge .pte"] = PlainModel("executorch", et, read_manifest(et), 1)
     return {kind: _summaries(interleave({n: e.call(kind) for n, e in engines.items()}, samples=samples,
                                         warmup=warmup)) for kind in kinds()}
 
