@@ -68,11 +68,6 @@ def file_elements(slot, positions: np.ndarray) -> np.ndarray:
     return offsets if slot.packing is None else np.asarray(slot.packing.elements(offsets), np.int64)
 
 
-def output_range(slot) -> tuple[int, int]:
-    """[first, last + 1) of the output indices this weight occupies in its tensor (for overlap checks)."""
-    return slot.out_offset, slot.out_offset + slot.out
-
-
 class MlasPackedB:
     """MLAS's packed-B layout for a (K, N) row-major B (MlasSgemmCopyPackB, x86-64): blocks of 256 rows of K; inside
     a block, 16-wide panels of N one after another, each CountK x 16 row-major; N padded to a multiple of 16.
