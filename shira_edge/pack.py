@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from shira_edge import __version__
-from shira_edge.peft_adapter import PeftAdapterError, read_peft_config, read_peft_shira
+from shira_edge.peft_adapter import PeftAdapterError, PeftShiraAdapter, read_peft_shira
 from shira_edge.runtime.shira_format import ShiraFormatError, make_adapter, make_target, write_shira
 from shira_edge.runtime.untrusted import printable, read_regular
 
@@ -26,16 +26,30 @@ class PackError(ValueError):
 SIDECAR = "shira_edge.json"   # train's record beside the PEFT files (tuner/train.py writes it, pack reads it)
 
 
-def base_model_choice(adapter_dir: Path, model: str | None, random_init: bool, seed: int | None) -> dict:
-    """Which base model to load: {"name", "random_init", "seed", "from"} ("from" says where the choice came from)."""
+def read_sidecar(adapter_dir: Path) -> dict:
+    """train's SIDECAR record as a JSON object ({} when there is none); PackError naming the file if it is bad."""
     sidecar_path = adapter_dir / SIDECAR
-    sidecar = {}
-    if sidecar_path.is_file():
-        try:
-            sidecar = json.loads(read_regular(sidecar_path, SIDECAR, limit=1 << 20)).get("base_model") or {}
-        except (OSError, ValueError, AttributeError, RecursionError) as exc:
-            raise PackError(printable(f"{sidecar_path}: cannot read it as JSON: {exc}; fix or delete "
-                                                 f"it, or pass --model")) from None
+    if not sidecar_path.is_file():
+        return {}
+    try:
+        side = json.loads(read_regular(sidecar_path, SIDECAR, limit=1 << 20))
+        why = None if isinstance(side, dict) else f"it holds a {type(side).__name__}, not an object"
+    except (OSError, ValueError, RecursionError) as exc:
+        why = exc
+    if why is not None:
+        raise PackError(printable(f"{sidecar_path}: cannot read it as JSON: {why}; fix or delete it, or pass "
+                                  f"--model")) from None
+    return side
+
+
+def base_model_choice(peft: PeftShiraAdapter, side: dict, model: str | None, random_init: bool,
+                      seed: int | None) -> dict:
+    """Which base model to load: {"name", "random_init", "seed", "from"} ("from" says where the choice came from).
+
+    side is read_sidecar(peft.directory); both files are read once, by pack_adapter."""
+    adapter_dir = peft.directory
+    sidecar_path = adapter_dir / SIDECAR
+    sidecar = side.get("base_model") or {}
     if model:
         return {"name": model, "random_init": random_init, "seed": 0 if seed is None else seed, "from": "--model"}
     if isinstance(sidecar, dict) and isinstance(sidecar.get("name"), str):
@@ -43,7 +57,7 @@ def base_model_choice(adapter_dir: Path, model: str | None, random_init: bool, s
         side_seed = sidecar.get("seed") if isinstance(sidecar.get("seed"), int) else 0
         return {"name": sidecar["name"], "random_init": random_init or was_random,
                 "seed": side_seed if seed is None else seed, "from": str(sidecar_path)}
-    name = read_peft_config(adapter_dir).get("base_model_name_or_path")
+    name = peft.config.get("base_model_name_or_path")
     if isinstance(name, str) and name:
         return {"name": name, "random_init": random_init, "seed": 0 if seed is None else seed,
                 "from": f"{adapter_dir / 'adapter_config.json'} base_model_name_or_path"}
@@ -65,7 +79,8 @@ def pack_adapter(adapter_dir: str | Path, output: str | Path, *, dtype: str = "f
         peft = read_peft_shira(adapter_dir)
     except PeftAdapterError as exc:
         raise PackError(str(exc)) from None
-    choice = base_model_choice(adapter_dir, model, random_init, seed)
+    side = read_sidecar(adapter_dir)   # read once: it names the base model and records the mask
+    choice = base_model_choice(peft, side, model, random_init, seed)
     try:
         base, info = load_model(choice["name"], random_init=choice["random_init"], seed=choice["seed"])
     except ModelNotAvailable as exc:
@@ -100,13 +115,8 @@ def pack_adapter(adapter_dir: str | Path, output: str | Path, *, dtype: str = "f
         "base_seed": info.seed,
         "base_architecture": info.architecture,
     }
-    sidecar = adapter_dir / SIDECAR
-    if sidecar.is_file():  # train's own record of the mask (e.g. a smart mask PEFT calls "custom")
-        try:
-            side = json.loads(read_regular(sidecar, SIDECAR, limit=1 << 20))
-            metadata.update({k: side[k] for k in ("method", "mask", "mask_seed", "tokenizer") if k in side})
-        except (OSError, ValueError, TypeError, RecursionError):
-            pass  # already reported by base_model_choice when it mattered
+    # train's own record of the mask (e.g. a smart mask PEFT calls "custom")
+    metadata.update({k: side[k] for k in ("method", "mask", "mask_seed", "tokenizer") if k in side})
     try:
         adapter = make_adapter(info.name, targets, dtype=dtype, metadata=metadata)
         path = write_shira(output, adapter)
