@@ -58,7 +58,6 @@ class ExecuTorchBackend:
         self._data = self.dir / files.get("data", "model.ptd")
         io = manifest["io"]
         self.max_seq_len = int(io["cache"]["max_seq_len"])
-        self.eos_token_id = io.get("eos_token_id")
         self._run_lock = threading.Lock()   # one method, one static cache: runs take turns
         self.sequence_lock = threading.RLock()   # held by a whole generation, so two never share the cache
         self._program, self.switch_path = None, "reload"

@@ -86,7 +86,6 @@ class OnnxBackend:
         self.heads, self.head_dim = int(cache["num_heads"]), int(cache["head_dim"])
         # onnxruntime-genai builder graphs (`export --from`) derive positions from attention_mask themselves
         self.takes_positions = "position_ids" in manifest["io"].get("inputs", ["position_ids"])
-        self.eos_token_id = manifest["io"].get("eos_token_id")
         self.fallback_reason = None if in_place else "in_place=False was asked for"
         self._impl = None
         if in_place:
