@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import ExportError, tied_weights
+from .common import ExportError, apply_targets, tied_weights
 
 CONFIG = "genai_config.json"
 # The builder's fused GroupQueryAttention sums in another order than PyTorch: on SmolLM2-135M its fp32 logits differ
@@ -38,8 +38,9 @@ class Stored:
     array: np.ndarray   # (R, C) row-major view of the file's bytes, as uint32 so equality is byte equality
 
 
-def export_from_genai(genai_dir, model, info, out_dir: Path, *, stages, atol: float = 1e-4) -> dict:
-    """Copy GENAI_DIR's files into out_dir and return the manifest for them (written by the caller)."""
+def export_from_genai(genai_dir, model, info, out_dir: Path, *, stages, atol: float = 1e-4, targets=None) -> dict:
+    """Copy GENAI_DIR's files into out_dir and return the manifest for them (written by the caller). `targets`:
+    PyTorch weight names to keep patchable, as for the other exporters (each must be found in the builder's graph)."""
     genai_dir = Path(genai_dir)
     decoder = read_genai_config(genai_dir)
     with stages("copy", f"{genai_dir} (onnxruntime-genai builder output)"):
@@ -49,6 +50,7 @@ def export_from_genai(genai_dir, model, info, out_dir: Path, *, stages, atol: fl
     model_file = decoder["filename"]
     with stages("map", "find every Linear weight of the model in the builder's initializers, by content"):
         weights = weight_map(model, stored_tensors(out_dir, model_file))
+        apply_targets(weights, targets, "ONNX (--from)")
     with stages("verify", "optimized graph keeps the weights; logits vs PyTorch"):
         from .onnx_verify import check_optimized_graph
 

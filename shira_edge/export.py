@@ -17,7 +17,7 @@ FORMATS = ("onnx", "executorch")
 def run_export(model_name, *, fmt="onnx", adapter=None, targets=(), random_init=False, seed=0, max_seq_len=None,
                atol=1e-4, force=False, out_dir, stages, from_dir=None, fuse_qkv=False) -> dict:
     """The whole export; returns the manifest written to out_dir. Raises ExportError with a one-line reason."""
-    from shira_edge.exporters.common import ExportError, resolve_targets, restrict_patchable, staged_output_dir
+    from shira_edge.exporters.common import ExportError, resolve_targets, staged_output_dir
     from shira_edge.exporters.fuse_adapter import check_adapter_path, fuse_adapter
     from shira_edge.exporters.tokenizer_files import export_tokenizer
     from shira_edge.runtime.manifest import write_manifest
@@ -48,8 +48,6 @@ def run_export(model_name, *, fmt="onnx", adapter=None, targets=(), random_init=
         try:
             manifest = _export_format(fmt, model, info, tmp, stages=stages, max_seq_len=max_seq_len,
                                       targets=chosen, atol=atol, from_dir=from_dir, fuse_qkv=fuse_qkv)
-            if chosen:
-                restrict_patchable(manifest["weights"], chosen)
             manifest.setdefault("files", {}).update(export_tokenizer(info.source, tmp, model.config.vocab_size))
             manifest["export"].update({"adapter": fused, "stage_seconds": dict(stages.seconds)})
             write_manifest(tmp, manifest)
@@ -64,7 +62,7 @@ def _export_format(fmt, model, info, out_dir, *, stages, max_seq_len, targets, a
     if from_dir:
         from shira_edge.exporters.from_genai import export_from_genai
 
-        return export_from_genai(from_dir, model, info, out_dir, stages=stages, atol=atol)
+        return export_from_genai(from_dir, model, info, out_dir, stages=stages, atol=atol, targets=targets)
     if fmt == "onnx":
         from shira_edge.exporters.onnx_export import export_onnx
 

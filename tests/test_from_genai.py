@@ -75,6 +75,17 @@ def test_builder_folder_maps_every_linear_weight_byte_exact(genai_folder, tmp_pa
     assert manifest["export"]["parity"]["max_abs_diff_decode"] <= 1e-3
 
 
+def test_targets_keep_only_those_weights_patchable(genai_folder, tmp_path):
+    from shira_edge.models import ModelInfo
+
+    root, model = genai_folder
+    down = "model.layers.0.mlp.down_proj.weight"
+    info = ModelInfo("tiny-llama", str(root / "hf"), "LlamaForCausalLM", "random-init", 0)
+    manifest = export_from_genai(root / "built", model, info, tmp_path, stages=Stages(quiet=True), atol=1e-3,
+                                 targets=[down])
+    assert [w["name"] for w in manifest["weights"] if w["patchable"]] == [down]
+
+
 def test_a_different_model_is_refused_by_name(genai_folder, tmp_path):
     root, _ = genai_folder
     with pytest.raises(ExportError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight .* found nowhere"):
