@@ -36,6 +36,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from .manifest import tensor_shape
 from .patch import Slot
 
 
@@ -74,7 +75,7 @@ def slots_from_manifest(manifest: dict, export_dir, place: Callable[[dict], tupl
     slots = {}
     for w in manifest["weights"]:
         out, inp = w["shape"]
-        shape = tuple(w.get("tensor_shape") or ((out, inp) if w["layout"] == "as_is" else (inp, out)))
+        shape = tensor_shape(w)
         out_offset = int(w.get("out_offset") or 0)
         perm = w.get("row_perm")
         perm = None if perm is None else np.asarray(perm, np.int64)

@@ -38,6 +38,7 @@ from .et_compat import read_xnn_cache_index
 from .et_native import NativeProgram, NativeUnavailable
 from .backend import slots_from_manifest
 from .layout import buffer_positions
+from .manifest import tensor_shape
 
 NR_CANDIDATES = (4, 8, 16, 24, 32, 48, 64, 96, 128)   # output-block widths XNNPACK's f32 GEMM kernels use
 PROBE_ELEMENTS = 257   # elements of each weight compared in its packed block
@@ -139,7 +140,7 @@ class PackedProgram:
 
     def _place(self, w: dict, index: dict) -> tuple[int, XnnpackPackedFC]:
         """(start in flat, packing) of one patchable backend tensor T (R outputs x C inputs), verified."""
-        rows, cols = w.get("tensor_shape") or w["shape"]
+        rows, cols = tensor_shape(w)
         if w["layout"] != "as_is":
             raise PackedPathUnavailable(f"{w['name']}: a transposed weight is packed another way by XNNPACK; only "
                                         f"(out, in) weights are mapped into its packing")

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import slots_from_manifest
+from .manifest import tensor_shape
 
 POLICIES = ("auto", "instant", "packed")
 ALIGN_ELEMENTS = 16     # each weight starts on a 64-byte line, so no cache line is shared by two weights
@@ -212,9 +213,8 @@ class RebuildSessions:
         sizes, starts = {}, {}
         for w in manifest["weights"]:
             if w["patchable"]:
-                out, inp = w["shape"]
-                shape = w.get("tensor_shape") or (w["shape"] if w["layout"] == "as_is" else [inp, out])
-                sizes.setdefault(w["tensor"], shape[0] * shape[1])
+                rows, cols = tensor_shape(w)
+                sizes.setdefault(w["tensor"], rows * cols)
         total = 0
         for tensor, n in sizes.items():
             starts[tensor] = total

@@ -43,6 +43,7 @@ import numpy as np
 
 from . import onnx_proto
 from .layout import MlasPackedB, TablePacking, tensor_shape
+from .manifest import tensor_shape as entry_tensor_shape
 
 PACK_DIR_ENV = "SHIRA_EDGE_PACK_DIR"   # a tmpfs directory to use instead of /dev/shm
 PREFIX = "shira-edge-pack-"
@@ -199,7 +200,7 @@ class PackedInPlace:
             self.layouts = {}   # (K, N) -> (packing, closed form?)
             for w in manifest_weights:
                 if w["patchable"]:
-                    shape = tuple(w.get("tensor_shape") or (w["shape"] if w["layout"] == "as_is" else w["shape"][::-1]))
+                    shape = entry_tensor_shape(w)
                     if shape not in self.layouts:
                         self.layouts[shape] = probe_layout(ort, *shape, make_options, work)
             lap("layout_probes")
