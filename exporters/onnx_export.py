@@ -168,6 +168,7 @@ def weight_entries(out_dir: Path, model, mapping: dict[str, tuple[str, str, int]
     where = {t.name: {e.key: e.value for e in t.external_data} for t in saved.graph.initializer}
     dims = {t.name: list(t.dims) for t in saved.graph.initializer}
     params = dict(model.named_parameters(remove_duplicate=False))
+    data = np.memmap(out_dir / DATA_FILE, dtype=np.uint8, mode="r")   # mapped once: a fused qkv tensor backs 3 entries
     todo = [(name, tensor, layout, out_offset, True, None) for name, (tensor, layout, out_offset) in mapping.items()]
     todo += [(name, owner, "as_is", 0, False, f"tied to {owner}; not patchable") for name, owner in tied.items()]
     entries = []
@@ -177,7 +178,7 @@ def weight_entries(out_dir: Path, model, mapping: dict[str, tuple[str, str, int]
             raise ExportError(f"{name}: initializer {tensor} is not in {DATA_FILE}")
         offset, nbytes = int(ext["offset"]), int(ext["length"])
         weight = params[name].detach().numpy()
-        stored = np.fromfile(out_dir / DATA_FILE, dtype="<f4", count=nbytes // 4, offset=offset).reshape(dims[tensor])
+        stored = data[offset:offset + nbytes].view("<f4").reshape(dims[tensor])
         if offset % ALIGN or not np.array_equal(output_slice(stored, layout, out_offset, len(weight)), weight):
             raise ExportError(f"{name}: bytes at {DATA_FILE}:{offset} are misaligned or differ from the weight")
         entry = weight_entry(name, weight.shape, tensor, layout, DATA_FILE, offset, weight.size * 4,
