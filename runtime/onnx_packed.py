@@ -209,8 +209,7 @@ class PackedInPlace:
             raise
         finally:
             shutil.rmtree(work, ignore_errors=True)   # the session and the mapping keep the data alive
-        self._originals = {}   # tensor -> (offset, length) of its unpacked copy in the cache file
-        self._tensor_of_start = {}
+        self._originals = {}   # packed start in flat -> (offset, length) of its unpacked copy in the cache file
 
         def place(entry):
             init = inits.get(entry["tensor"])
@@ -222,8 +221,7 @@ class PackedInPlace:
                 raise PackedPathUnavailable(f"{entry['tensor']}: packed blob of {length} bytes does not match "
                                             f"the probed layout of shape {init.dims}")
             if set(readers.get(entry["tensor"], ())) == {"MatMul"}:   # only then is the original dead after packing
-                self._originals[entry["tensor"]] = (int(init.external["offset"]), int(init.external["length"]))
-            self._tensor_of_start[offset // 4] = entry["tensor"]
+                self._originals[offset // 4] = (int(init.external["offset"]), int(init.external["length"]))
             return offset // 4, packing
 
         try:
@@ -293,9 +291,9 @@ class PackedInPlace:
         freed = sum(punch_hole(self.fd, o, o + n, page) for o, n in self._originals.values())
         if freed and not np.array_equal(logits_of(self._session, ids), before):
             for slot in self.tensors():   # the originals are the export's tensors: read them back from there
-                if self._tensor_of_start[slot.start] not in self._originals:
+                if slot.start not in self._originals:
                     continue
-                o, n = self._originals[self._tensor_of_start[slot.start]]
+                o, n = self._originals[slot.start]
                 self.flat[o // 4: (o + n) // 4] = np.fromfile(slot.file, "<f4", n // 4, offset=slot.offset)
             freed = 0
         return freed
