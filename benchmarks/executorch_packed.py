@@ -24,7 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 
 def _adapters(manifest, root: Path):
@@ -34,11 +33,15 @@ def _adapters(manifest, root: Path):
 
 
 def _summary(samples, base=None) -> str:
-    v = np.asarray(samples)
-    text = f"median {np.median(v) * 1e3:.1f} ms (p25-p75 {np.percentile(v, 25) * 1e3:.1f}-{np.percentile(v, 75) * 1e3:.1f})"
+    """Median and p25-p75 (ms), and of the per-round ratios to `base`: the bench's own statistics, so the spreads
+    quoted beside bench figures and these ones are computed alike."""
+    from shira_edge.bench.stats import paired_ratio, summarize
+
+    s = summarize(samples)
+    text = f"median {s['median'] * 1e3:.1f} ms (p25-p75 {s['p25'] * 1e3:.1f}-{s['p75'] * 1e3:.1f})"
     if base is not None:
-        q = v / np.asarray(base)
-        text += f", /base {np.median(q):.3f} (p25-p75 {np.percentile(q, 25):.3f}-{np.percentile(q, 75):.3f})"
+        q = paired_ratio(samples, base)
+        text += f", /base {q['median']:.3f} (p25-p75 {q['p25']:.3f}-{q['p75']:.3f})"
     return text
 
 
@@ -72,9 +75,10 @@ def switch(export_dir: Path, rounds: int, root: Path) -> dict:
             decode()
             t[f"{k}_switch"].append(s1 - s), t[f"{k}_until_decode"].append(time.perf_counter() - s)
     out = {k: _summary(v) for k, v in t.items()}
-    q = np.asarray(t["reload_until_decode"]) / np.asarray(t["packed_until_decode"])
-    out["reload / packed, until the first decode"] = f"{np.median(q):.2f}x (p25-p75 {np.percentile(q, 25):.2f}-" \
-                                                     f"{np.percentile(q, 75):.2f})"
+    from shira_edge.bench.stats import paired_ratio
+
+    q = paired_ratio(t["reload_until_decode"], t["packed_until_decode"])
+    out["reload / packed, until the first decode"] = f"{q['median']:.2f}x (p25-p75 {q['p25']:.2f}-{q['p75']:.2f})"
     return {"switch_path": rts["packed"].switch_path, **out}
 
 
