@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .fingerprint import weight_digest
-from .layout import buffer_positions, file_elements, tensor_shape
+from .layout import buffer_positions, file_elements, tensor_elements, tensor_shape
 from .shira_format import MAX_ADAPTER_BYTES, ShiraFormatError, decode_values, read_shira, read_shira_bytes
 from .untrusted import open_regular, printable, read_regular
 
@@ -187,10 +187,9 @@ def _verify(slot: Slot, file: _PinnedFile) -> None:
     if not slot.digest:   # a hand-made slot (tests, tools) has no digest to check against
         return
     rows, cols = tensor_shape(slot)
-    stored = np.frombuffer(file.pread(slot.offset, 4 * rows * cols), "<f4").reshape(rows, cols)
-    perm = getattr(slot, "row_perm", None)
-    outputs = getattr(slot, "out_offset", 0) + (np.arange(slot.out) if perm is None else np.asarray(perm))
-    weight = stored[outputs] if slot.layout == "as_is" else stored[:, outputs].T   # PyTorch (out, in), as digested
+    stored = np.frombuffer(file.pread(slot.offset, 4 * rows * cols), "<f4")
+    # PyTorch (out, in), as digested, through the one weight map (slices, row_perm, transposes)
+    weight = stored[tensor_elements(slot, np.arange(slot.out)[:, None], np.arange(slot.inp)[None, :])]
     if weight_digest(weight) != slot.digest:
         raise BaseChanged(f"{printable(file.path)}: {slot.name} no longer holds the weights this runtime loaded "
                           f"(the file was rewritten since); load the export again")
