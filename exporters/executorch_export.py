@@ -83,7 +83,6 @@ def export_executorch(model, info, out_dir: Path, *, stages: Stages, max_seq_len
             "versions": _versions(),
             "partitioner": "XnnpackPartitioner (fp32)",
             "architecture": arch.summary(),
-            "stage_seconds": dict(stages.seconds),
             "bytes": {PROGRAM_FILE: (out_dir / PROGRAM_FILE).stat().st_size,
                       DATA_FILE: (out_dir / DATA_FILE).stat().st_size},
             "parity": parity,

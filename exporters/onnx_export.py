@@ -65,7 +65,7 @@ def export_onnx(model, info, out_dir, *, stages, atol: float = 1e-4, max_seq_len
     with stages("verify", "ONNX Runtime: optimized graph keeps the weights; logits and KV-cache decode vs PyTorch"):
         onnx_verify.check_optimized_graph(out_dir / MODEL_FILE, [w["tensor"] for w in weights if w["patchable"]])
         parity = onnx_verify.onnx_parity(out_dir, model, weights, atol=atol)
-    manifest = _manifest(model, info, wrapper, weights, parity, stages, max_seq_len)
+    manifest = _manifest(model, info, wrapper, weights, parity, max_seq_len)
     manifest["export"]["fused"] = ["qkv"] if fuse_qkv else []
     return manifest
 
@@ -189,8 +189,7 @@ def weight_entries(out_dir: Path, model, mapping: dict[str, tuple[str, str, int]
     return entries
 
 
-def _manifest(model, info, wrapper: PastPresentDecoder, weights: list[dict], parity: dict, stages,
-              max_seq_len: int) -> dict:
+def _manifest(model, info, wrapper: PastPresentDecoder, weights: list[dict], parity: dict, max_seq_len: int) -> dict:
     import onnxruntime
 
     cfg, arch = model.config, wrapper.arch
@@ -224,6 +223,5 @@ def _manifest(model, info, wrapper: PastPresentDecoder, weights: list[dict], par
             "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                          "onnxruntime": onnxruntime.__version__},
             "opset": OPSET, "architecture": arch.summary(), "parity": parity,
-            "stage_seconds": dict(stages.seconds),
         },
     }
