@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from importlib import metadata, resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -245,30 +243,19 @@ def convert_gguf(gguf_path: str | Path, dest: str | Path, provenance: str) -> Pa
     plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg), dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict(), strict=True)
 
-    def fill(tmp: Path) -> None:
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / PROVENANCE_FILE).write_text(json.dumps({"provenance": provenance}, indent=1) + "\n")
+    # Built beside dest and renamed into place (a stale dest of another provenance is replaced): readers never see
+    # half of one. The same staging as an export's OUT_DIR, so a killed conversion's temp dir is cleaned up too.
+    from shira_edge.exporters.common import ExportError, staged_output_dir
 
-    return _replace_dir(Path(dest), fill)
-
-
-def _replace_dir(dest: Path, fill: Callable[[Path], None]) -> Path:
-    """Build a directory in a temp dir beside `dest` and rename it into place: readers never see half of one."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    dest = Path(dest)
     try:
-        fill(tmp)
-        old = None
-        if dest.exists():  # stale (another provenance): move it aside so the rename below can land
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-            dest.rename(old / dest.name)
-        tmp.rename(dest)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged_output_dir(dest, force=True) as tmp:
+            plain.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / PROVENANCE_FILE).write_text(json.dumps({"provenance": provenance}, indent=1) + "\n")
+    except ExportError:   # its message speaks of -o; here it is the cache that cannot be written
+        raise ModelNotAvailable(f"converting {gguf_path.name}: cannot write {dest.parent}; set SHIRA_EDGE_CACHE "
+                                f"to a writable directory") from None
     return dest
 
 
