@@ -141,11 +141,6 @@ class OnnxBackend:
         """Seconds per start-up step of the packed-in-place path ({} on the rebuild path)."""
         return getattr(self._impl, "start_timings", {})
 
-    @property
-    def cache_bytes(self) -> int:
-        """tmpfs bytes held by the packed-in-place cache (0 on the rebuild path)."""
-        return getattr(self._impl, "cache_bytes", 0)
-
     def close(self) -> None:
         if self._impl is not None:
             self._impl.close()

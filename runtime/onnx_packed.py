@@ -255,11 +255,6 @@ class PackedInPlace:
     def wait_ready(self, timeout: float | None = None) -> bool:
         return True
 
-    @property
-    def cache_bytes(self) -> int:
-        """tmpfs memory held by the pack cache now (allocated blocks of its data file)."""
-        return os.fstat(self.fd).st_blocks * 512 if self.fd is not None else 0
-
     def tensors(self):
         """One patchable slot per distinct backend tensor."""
         seen = {}
