@@ -41,8 +41,8 @@ from .patch import Slot
 
 
 class Backend(Protocol):
-    """What `Runtime` needs from a backend. Constructed as Backend(export_dir, manifest, *, policy, threads), and
-    with in_place=False only when the caller asks for the backend's fallback path (Runtime passes it only then)."""
+    """What `Runtime` needs from a backend. Constructed as Backend(export_dir, manifest, *, policy, threads,
+    in_place); in_place=False asks for the backend's fallback path."""
 
     backend: str                         # "onnxruntime" | "executorch"
     slots: dict[str, Slot]               # PyTorch weight name -> Slot (every manifest weight)

@@ -56,12 +56,10 @@ class Runtime:
         self.dir = Path(export_dir)
         self.manifest = read_manifest(self.dir)
         if self.manifest["backend"] == "onnxruntime":
-            from .onnx_backend import OnnxBackend
-            self._backend = OnnxBackend(self.dir, self.manifest, policy=policy, threads=threads, in_place=in_place)
+            from .onnx_backend import OnnxBackend as backend_class
         else:
-            from .executorch_backend import ExecuTorchBackend
-            self._backend = ExecuTorchBackend(self.dir, self.manifest, policy=policy, threads=threads,
-                                              **({} if in_place else {"in_place": False}))
+            from .executorch_backend import ExecuTorchBackend as backend_class
+        self._backend = backend_class(self.dir, self.manifest, policy=policy, threads=threads, in_place=in_place)
         self.policy = policy
         self._vocab = self.manifest["io"].get("vocab_size")   # validated by read_manifest
         pin_base(file_view(s) for s in self._backend.slots.values())   # base values as loaded (patch.read_base)
