@@ -38,7 +38,7 @@ class Stored:
     array: np.ndarray   # (R, C) row-major view of the file's bytes, as uint32 so equality is byte equality
 
 
-def export_from_genai(genai_dir, model, info, out_dir: Path, *, stages, atol: float = 1e-4, targets=None) -> dict:
+def export_from_genai(genai_dir, model, info, out_dir: Path, *, stages, atol: float = GENAI_ATOL, targets=None) -> dict:
     """Copy GENAI_DIR's files into out_dir and return the manifest for them (written by the caller). `targets`:
     PyTorch weight names to keep patchable, as for the other exporters (each must be found in the builder's graph)."""
     genai_dir = Path(genai_dir)

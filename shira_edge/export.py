@@ -15,8 +15,10 @@ FORMATS = ("onnx", "executorch")
 
 
 def run_export(model_name, *, fmt="onnx", adapter=None, targets=(), random_init=False, seed=0, max_seq_len=None,
-               atol=1e-4, force=False, out_dir, stages, from_dir=None, fuse_qkv=False) -> dict:
-    """The whole export; returns the manifest written to out_dir. Raises ExportError with a one-line reason."""
+               atol=None, force=False, out_dir, stages, from_dir=None, fuse_qkv=False) -> dict:
+    """The whole export; returns the manifest written to out_dir. Raises ExportError with a one-line reason.
+
+    atol: the parity tolerance; None takes the exporter's own (1e-4, from_genai.GENAI_ATOL for from_dir)."""
     from shira_edge.exporters.common import ExportError, resolve_targets, staged_output_dir
     from shira_edge.exporters.fuse_adapter import check_adapter_path, fuse_adapter
     from shira_edge.exporters.tokenizer_files import export_tokenizer
@@ -59,16 +61,17 @@ def run_export(model_name, *, fmt="onnx", adapter=None, targets=(), random_init=
 def _export_format(fmt, model, info, out_dir, *, stages, max_seq_len, targets, atol, from_dir=None,
                    fuse_qkv=False) -> dict:
     """Thin dispatch: each format's exporter writes its files into out_dir and returns the manifest dict."""
+    tolerance = {} if atol is None else {"atol": atol}   # unset: the exporter's own default
     if from_dir:
         from shira_edge.exporters.from_genai import export_from_genai
 
-        return export_from_genai(from_dir, model, info, out_dir, stages=stages, atol=atol, targets=targets)
+        return export_from_genai(from_dir, model, info, out_dir, stages=stages, targets=targets, **tolerance)
     if fmt == "onnx":
         from shira_edge.exporters.onnx_export import export_onnx
 
-        return export_onnx(model, info, out_dir, stages=stages, atol=atol, max_seq_len=max_seq_len, targets=targets,
-                           fuse_qkv=fuse_qkv)
+        return export_onnx(model, info, out_dir, stages=stages, max_seq_len=max_seq_len, targets=targets,
+                           fuse_qkv=fuse_qkv, **tolerance)
     from shira_edge.exporters.executorch_export import export_executorch
 
     return export_executorch(model, info, out_dir, stages=stages, max_seq_len=max_seq_len, targets=targets,
-                             atol=atol)
+                             **tolerance)

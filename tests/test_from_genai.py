@@ -86,6 +86,20 @@ def test_targets_keep_only_those_weights_patchable(genai_folder, tmp_path):
     assert [w["name"] for w in manifest["weights"] if w["patchable"]] == [down]
 
 
+def test_cli_from_checks_parity_at_the_builder_tolerance_by_default(genai_folder, tmp_path):
+    from click.testing import CliRunner
+
+    from shira_edge.cli import main
+    from shira_edge.exporters.from_genai import GENAI_ATOL
+    from shira_edge.runtime.manifest import read_manifest
+
+    root, _ = genai_folder
+    result = CliRunner().invoke(main, ["export", "--from", str(root / "built"), "--model", str(root / "hf"), "-o",
+                                       str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert read_manifest(tmp_path / "out")["export"]["parity"]["atol"] == GENAI_ATOL
+
+
 def test_a_different_model_is_refused_by_name(genai_folder, tmp_path):
     root, _ = genai_folder
     with pytest.raises(ExportError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight .* found nowhere"):

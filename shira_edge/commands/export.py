@@ -33,8 +33,8 @@ from shira_edge.runtime.untrusted import printable
               help="Longest sequence (prompt + generated) the export runs; ExecuTorch allocates its static KV cache "
                    "for it. Default: min(256, max_position_embeddings) for executorch, max_position_embeddings "
                    "for onnx; never above max_position_embeddings.")
-@click.option("--atol", type=FiniteFloat(minimum=0), default=1e-4, show_default=True,
-              help="Parity tolerance: max abs logit difference vs PyTorch (fp32).")
+@click.option("--atol", type=FiniteFloat(minimum=0), default=None,
+              help="Parity tolerance: max abs logit difference vs PyTorch (fp32).  [default: 1e-4; 1e-3 with --from]")
 @click.option("--fuse-qkv", is_flag=True,
               help="ONNX only: one MatMul per layer for q/k/v (qkv_proj, as onnxruntime-genai's builder does); each "
                    "weight stays patchable as a slice of it.")
@@ -43,14 +43,11 @@ from shira_edge.runtime.untrusted import printable
                    "manifest for it, each weight found by content in --model's weights (default --atol 1e-3).")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Output directory (OUT_DIR).")
-@click.pass_context
-def export(ctx, model_name, fmt, adapter, targets, random_init, seed, max_seq_len, atol, fuse_qkv, from_dir, force,
+def export(model_name, fmt, adapter, targets, random_init, seed, max_seq_len, atol, fuse_qkv, from_dir, force,
            out_dir):
     """Export a model to ONNX (default) or ExecuTorch, with a manifest of every adaptable weight."""
     from shira_edge.exporters.common import ExportError, Stages
 
-    if from_dir and ctx.get_parameter_source("atol") is click.core.ParameterSource.DEFAULT:
-        from shira_edge.exporters.from_genai import GENAI_ATOL as atol
     try:
         manifest = run_export(model_name, fmt=fmt, adapter=adapter, targets=_split(targets), random_init=random_init,
                               seed=seed, max_seq_len=max_seq_len, atol=atol, force=force, out_dir=out_dir,
