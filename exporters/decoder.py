@@ -139,7 +139,7 @@ class DecoderLM(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return x, (emb.cos() * self.rope_scaling, emb.sin() * self.rope_scaling)
 
-    def attention(self, i: int, x, rope, bias, cache_update):
+    def attention(self, i: int, x, rope, bias, cache_update, attend=None):
         a, blk = self.arch, self.blocks[i]
         b, s, _ = x.shape
         q, k, v = blk.qkv(x) if blk.qkv is not None else (blk.q(x), blk.k(x), blk.v(x))
@@ -151,6 +151,8 @@ class DecoderLM(nn.Module):
         if rope is not None:
             cos, sin = rope[0].unsqueeze(1), rope[1].unsqueeze(1)
             q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if attend is not None:   # the backend's own cache write + attention kernel (kv_cache.CustomOpCacheDecoder)
+            return blk.o(attend(i, q, k, v))
         k, v = cache_update(i, k, v)
         groups = a.num_heads // a.num_kv_heads
         if groups > 1:  # grouped-query attention: each KV head serves `groups` query heads (transformers' repeat_kv)
@@ -184,14 +186,16 @@ class DecoderLM(nn.Module):
             masks[window] = torch.where(allowed, 0.0, torch.finfo(dtype).min)
         return masks
 
-    def run(self, input_ids, positions, q_slots, kv_slots, cache_update, valid=None):
+    def run(self, input_ids, positions, q_slots, kv_slots, cache_update, valid=None, attend=None):
         """The whole decoder: logits [B, S, vocab]. positions [B, S]: 0-based token positions; q_slots [S] and
-        kv_slots [T]: cache slot indices for the causal mask; valid [B, 1, 1, T] or None: slots that may be seen."""
+        kv_slots [T]: cache slot indices for the causal mask; valid [B, 1, 1, T] or None: slots that may be seen.
+        attend(i, q, k, v) -> [B, S, heads * head_dim], if given, replaces cache_update, the mask and the softmax:
+        q [B, heads, S, head_dim], k and v [B, kv_heads, S, head_dim], after RoPE and query scaling."""
         x, rope = self.embed(input_ids, positions)
-        bias = self._bias(q_slots, kv_slots, valid, x.dtype)
+        bias = None if attend is not None else self._bias(q_slots, kv_slots, valid, x.dtype)
         pre = self.arch.pre_norm
         for i, blk in enumerate(self.blocks):
-            x = residual(x, blk.attn_norm, lambda h: self.attention(i, h, rope, bias, cache_update), pre)
+            x = residual(x, blk.attn_norm, lambda h: self.attention(i, h, rope, bias, cache_update, attend), pre)
             x = residual(x, blk.mlp_norm, lambda h: self.mlp(i, h), pre)
         if self.top.final_norm is not None:
             x = self.top.final_norm(x)

@@ -40,23 +40,34 @@ DEFAULT_MAX_SEQ_LEN = 256           # the static cache is allocated in full: sma
 
 
 def export_executorch(model, info, out_dir: Path, *, stages: Stages, max_seq_len: int | None = None,
-                      targets=None, atol: float = PARITY_TOL, **_ignored) -> dict[str, Any]:
+                      targets=None, atol: float = PARITY_TOL, llm_kernels: bool | None = None,
+                      **_ignored) -> dict[str, Any]:
     """Write model.pte + model.ptd into `out_dir`, verify them, and return the manifest dict (not written here).
 
     `max_seq_len`: the static cache size (default min(256, max_position_embeddings)). `targets`: optional PyTorch
     weight names the caller wants patchable; one that is not a patchable Linear weight of this export raises
-    ExportError. `atol`: parity tolerance (max abs logit difference). Other keyword arguments
-    (meant for other formats) are ignored.
+    ExportError. `atol`: parity tolerance (max abs logit difference). `llm_kernels`: build the cache on
+    ExecuTorch's llama::update_cache / llama::custom_sdpa kernels (`CustomOpCacheDecoder`, the default wherever no
+    sliding window falls inside the cache), or on portable ops under a mask (`StaticCacheDecoder`, False). Other
+    keyword arguments (meant for other formats) are ignored.
     """
     import torch
 
-    from shira_edge.exporters.kv_cache import StaticCacheDecoder
+    from shira_edge.exporters.kv_cache import CustomOpCacheDecoder, StaticCacheDecoder
+    from shira_edge.runtime.et_compat import LLM_KERNELS
 
     arch = describe(model)
     max_seq_len = check_max_seq_len(arch, max_seq_len, default=DEFAULT_MAX_SEQ_LEN)
     out_dir = Path(out_dir)
     model = model.float().eval()
-    wrapper = StaticCacheDecoder(model, arch, max_seq_len).eval()
+    applies = CustomOpCacheDecoder.applies(arch, max_seq_len)
+    if llm_kernels and not applies:
+        raise ExportError(f"llm_kernels=True: this {arch.model_type} model has a sliding window of {arch.sliding_window} inside the "
+                          f"{max_seq_len}-slot cache, which llama::custom_sdpa cannot mask; leave llm_kernels unset")
+    use_kernels = applies if llm_kernels is None else llm_kernels
+    decoder = CustomOpCacheDecoder if use_kernels else StaticCacheDecoder
+    wrapper = decoder(model, arch, max_seq_len).eval()
+    kernels = list(LLM_KERNELS) if use_kernels else []
 
     with stages("trace", f"torch.export, dynamic seq 1..{max_seq_len}"), torch.no_grad():
         ep = _export(wrapper, max_seq_len)
@@ -76,7 +87,7 @@ def export_executorch(model, info, out_dir: Path, *, stages: Stages, max_seq_len
     cfg = model.config
     return {
         **manifest_head("executorch", info, weights),
-        "io": io_spec(cfg, arch, max_seq_len),
+        "io": io_spec(cfg, arch, max_seq_len, kernels),
         "files": {"program": PROGRAM_FILE, "data": DATA_FILE},
         "export": {
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -237,7 +248,7 @@ def executorch_parity(model, out_dir: Path, max_seq_len: int, atol: float = PARI
     return result
 
 
-def io_spec(cfg, arch, max_seq_len: int) -> dict[str, Any]:
+def io_spec(cfg, arch, max_seq_len: int, kernels: list[str]) -> dict[str, Any]:
     return {
         "methods": [METHOD],
         "batch": 1,
@@ -251,8 +262,11 @@ def io_spec(cfg, arch, max_seq_len: int) -> dict[str, Any]:
             **cache_spec(arch, "static", max_seq_len),
             "seq_range": [1, max_seq_len],
             "layout": "inside the program: per layer k_cache_{i}, v_cache_{i} mutable buffers "
-                      "[max_seq_len, num_heads, head_dim], written at input_pos; prefill = one call with seq tokens, "
-                      "decode = calls with seq=1; input_pos[-1] must stay < max_seq_len",
+                      f"[{'1, ' if kernels else ''}max_seq_len, num_kv_heads, head_dim], written at input_pos; "
+                      "prefill = one call with seq tokens, decode = calls with seq=1; input_pos[-1] must stay "
+                      "< max_seq_len",
+            # kernels outside ExecuTorch's default set that the program calls: the runtime loads them first
+            "kernels": kernels,
         },
         "max_positions": max_seq_len,
         **token_ids(cfg),

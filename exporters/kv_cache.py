@@ -17,6 +17,11 @@
 
 Attention then looks at all max_seq_len slots under a mask `slot <= position`, so every shape but seq is static.
 
+`CustomOpCacheDecoder` (ExecuTorch, the default where it applies): the same signature and buffers, shaped
+[1, max_seq_len, kv_heads, head_dim], but written by ExecuTorch's own LLM kernel `llama::update_cache` and read by
+`llama::custom_sdpa`, which attends causally over the slots written so far (GQA included) instead of all of them.
+These are the kernels `export_llm` builds on; the runtime loads them first (et_compat.load_llm_kernels).
+
     >>> from shira_edge.models import load_model
     >>> from shira_edge.exporters.architecture import describe
     >>> hf, _ = load_model("tiny-opt")
@@ -90,3 +95,42 @@ class StaticCacheDecoder(DecoderLM):
             return k_cache.transpose(0, 1)[None], v_cache.transpose(0, 1)[None]   # [1, kv_heads, max_seq_len, D]
 
         return self.run(tokens, input_pos[None], input_pos, slots, cache_update)
+
+
+class CustomOpCacheDecoder(DecoderLM):
+    """ExecuTorch with its LLM kernels: K/V written in place by llama::update_cache at input_pos[0], attention by
+    llama::custom_sdpa over slots 0..input_pos[-1] only (no mask tensor, no copy of the cache per step)."""
+
+    def __init__(self, hf_model, arch: Architecture, max_seq_len: int):
+        from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (registers the llama:: ops)
+
+        super().__init__(hf_model, arch)
+        if not self.applies(arch, max_seq_len):
+            raise ValueError(f"a sliding window below max_seq_len {max_seq_len} needs a mask: use StaticCacheDecoder")
+        self.max_seq_len = max_seq_len
+        for i in range(arch.num_layers):
+            shape = (1, max_seq_len, arch.num_kv_heads, arch.head_dim)
+            self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
+            self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
+
+    @staticmethod
+    def applies(arch: Architecture, max_seq_len: int) -> bool:
+        """custom_sdpa's causal mode has no window: only where no sliding window can cut inside the cache."""
+        return not arch.sliding_layers or arch.sliding_window is None or arch.sliding_window >= max_seq_len
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        start = input_pos[0].item()
+        torch._check(start >= 0)
+        torch._check(start + tokens.shape[1] <= self.max_seq_len)
+        # OPT scales q itself (scale_queries), so the kernel must not scale again
+        scale = 1.0 if self.arch.scale_queries else self.arch.attention_scale
+
+        def attend(i, q, k, v):   # q [1, heads, S, D], k/v [1, kv_heads, S, D]; the kernels want [1, S, heads, D]
+            k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
+            torch.ops.llama.update_cache(k.transpose(1, 2), k_cache, start)
+            torch.ops.llama.update_cache(v.transpose(1, 2), v_cache, start)
+            out = torch.ops.llama.custom_sdpa(q.transpose(1, 2), k_cache, v_cache, start, None, 0.0, True, scale)
+            b, s = out.shape[:2]
+            return out.reshape(b, s, -1)
+
+        return self.run(tokens, input_pos[None], input_pos, input_pos, None, attend=attend)

@@ -28,6 +28,14 @@ XNN_FOOTER = struct.Struct("<QIII")
 XNN_ENTRY = struct.Struct("<QQI")
 
 
+# ExecuTorch's LLM kernels (extension/llm/custom_ops: op_update_cache.cpp, op_sdpa.cpp), what export_llm's programs
+# call. The wheel ships them only inside its ahead-of-time library for torch; loading that library also registers
+# them with ExecuTorch's kernel registry, the one the bindings and the native runner share (it links libexecutorch
+# and libtorch's C++ libraries; Python torch is not imported).
+LLM_KERNELS = ("llama::update_cache", "llama::custom_sdpa")
+LLM_KERNELS_LIBRARY = "extension/llm/custom_ops/libcustom_ops_aot_lib.so"
+
+
 def installed_version() -> str:
     """The installed executorch's version without its local tag ("1.5.1+cpu" -> "1.5.1"), without importing it."""
     from importlib.metadata import version

@@ -126,9 +126,52 @@ def library() -> ctypes.CDLL:
             lib.shira_et_set_threads.restype = ctypes.c_int
             lib.shira_et_threads.restype = ctypes.c_int
             lib.shira_et_get_default_weight_cache.argtypes = [ctypes.POINTER(ctypes.c_int)]
-            lib.shira_et_quiet_logs()
+            _quiet_logs(lib)
             _LIB = lib
         return _LIB
+
+
+_KERNELS_LOADED = False
+
+
+def load_llm_kernels() -> None:
+    """Register et_compat.LLM_KERNELS in this process, once: for programs whose manifest lists them, before loading.
+
+    Their library brings the Python bindings' native module, which installs its own log sink when it loads: so
+    the runner's quiet sink is installed (again) after it. Raises NativeUnavailable naming the library."""
+    global _KERNELS_LOADED
+    from .et_compat import EXECUTORCH_VERSION, LLM_KERNELS, LLM_KERNELS_LIBRARY
+
+    with _LIB_LOCK:
+        if _KERNELS_LOADED:
+            return
+        path = _executorch_dir() / LLM_KERNELS_LIBRARY
+        try:
+            ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+        except OSError as exc:
+            raise NativeUnavailable(f"{path}: cannot load ExecuTorch's LLM kernels ({exc}), which this program "
+                                    f"calls ({', '.join(LLM_KERNELS)}); reinstall executorch {EXECUTORCH_VERSION} "
+                                    f"(make install)") from None
+        _KERNELS_LOADED = True
+        if _LIB is not None:
+            _quiet_logs(_LIB)
+
+
+def _quiet_logs(lib) -> None:
+    """Install the runner's errors-only log sink. Over the sink the kernels' library installed, ExecuTorch says so
+    in one line on stderr ("register_pal() called multiple times"), through that sink: fd 2 points at /dev/null for that
+    one call, a few microseconds, so a user sees no start-up noise."""
+    if not _KERNELS_LOADED:
+        lib.shira_et_quiet_logs()
+        return
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+            lib.shira_et_quiet_logs()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def default_weight_cache(lib) -> bool:

@@ -58,6 +58,10 @@ class ExecuTorchBackend:
         self._data = self.dir / files.get("data", "model.ptd")
         io = manifest["io"]
         self.max_seq_len = int(io["cache"]["max_seq_len"])
+        if io["cache"].get("kernels"):   # the program calls ExecuTorch's LLM kernels: register them before loading
+            from .et_native import load_llm_kernels
+
+            load_llm_kernels()
         self._run_lock = threading.Lock()   # one method, one static cache: runs take turns
         self.sequence_lock = threading.RLock()   # held by a whole generation, so two never share the cache
         self._program, self.switch_path = None, "reload"

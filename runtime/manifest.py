@@ -350,7 +350,13 @@ def _check_io(c: _Checker, backend: str, io: dict) -> None:
         if len(past) != len(present):
             c.fail("io.cache.present", f"{len(present)} names for {len(past)} io.cache.past inputs")
     else:
+        from .et_compat import LLM_KERNELS
+
         c.get(cache, "max_seq_len", "io.cache.max_seq_len", *positive)
+        known = lambda v: isinstance(v, list) and all(isinstance(k, str) and k in LLM_KERNELS for k in v)  # noqa: E731
+        c.get(cache, "kernels", "io.cache.kernels", known,
+              f"a list of kernels this runtime can load ({', '.join(LLM_KERNELS)}); re-export with this shira-edge",
+              default=[])
 
 
 def _check_files(c: _Checker, backend: str, files: dict) -> None:

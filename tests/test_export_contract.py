@@ -37,7 +37,8 @@ FORMATS = ("onnx", "executorch")
 # with an untied lm_head; Mistral with a sliding window shorter than the test prompts.
 # ExecuTorch lowering is the slow part (~15 s a tiny model): the last two families run on ONNX only, since their
 # differences (rope frequencies, window mask) live in decoder.py, which both backends share.
-ROWS = [(fmt, arch) for arch in ("opt", "llama", "qwen2") for fmt in FORMATS] + [("onnx", "llama3"), ("onnx", "mistral")]
+# ExecuTorch mistral: its 6-token sliding window falls inside the cache, so it is the row of the masked cache path
+ROWS = [(fmt, arch) for arch in ("opt", "llama", "qwen2", "mistral") for fmt in FORMATS] + [("onnx", "llama3")]
 # --fuse-qkv: q/k/v as one MatMul, each weight a slice (tensor_shape, out_offset) of qkv_proj; GQA and bias together
 ROWS += [("onnx+fuse_qkv", "qwen2")]
 ONNX_ROWS = [r for r in ROWS if r[0].startswith("onnx")]
@@ -224,6 +225,8 @@ def test_manifest_describes_the_export(row):
         assert (m["files"]["program"], m["files"]["data"]) == ("model.pte", "model.ptd")
         assert [i["name"] for i in m["io"]["inputs"]] == ["tokens", "input_pos"] and m["io"]["methods"] == ["forward"]
         assert {w["file"] for w in m["weights"]} == {"model.ptd"}
+        # ExecuTorch's LLM kernels wherever no sliding window cuts inside the cache; mistral's does
+        assert cache["kernels"] == ([] if row.arch == "mistral" else ["llama::update_cache", "llama::custom_sdpa"])
 
 
 def test_every_weight_map_entry_is_byte_exact(row):
@@ -548,3 +551,14 @@ def test_max_seq_len_above_the_models_positions_is_refused(fmt, tmp_path):
     export = export_onnx if fmt == "onnx" else export_executorch
     with pytest.raises(ExportError, match=r"--max-seq-len 257 must be in 2\.\.256"):
         export(model, info, tmp_path, stages=Stages(quiet=True), max_seq_len=257)
+
+
+def test_llm_kernels_are_refused_where_a_sliding_window_needs_the_mask(zoo, tmp_path):
+    from shira_edge.exporters.common import ExportError, Stages
+    from shira_edge.exporters.executorch_export import export_executorch
+    from shira_edge.models import ModelInfo
+
+    info = ModelInfo("tiny-mistral", "tests", "MistralForCausalLM", "random-init", 0)
+    with pytest.raises(ExportError, match="sliding window of 6 inside the 32-slot cache"):
+        export_executorch(zoo.model("mistral"), info, tmp_path, stages=Stages(quiet=True), max_seq_len=32,
+                          llm_kernels=True)

@@ -251,3 +251,14 @@ def test_executorch_tensor_missing_from_the_ptd(tiny_exports, tmp_path):
     _write(d, m)
     with pytest.raises(ManifestError, match=r"\.tensor: 'f{64}' is not in model\.ptd"):
         read_manifest(d)
+
+
+@pytest.mark.parametrize("kernels", [["evil::op"], "llama::custom_sdpa", [["llama::custom_sdpa"]]],
+                         ids=["unknown-kernel", "not-a-list", "nested"])
+def test_executorch_kernels_outside_the_known_set_are_refused(tiny_exports, tmp_path, kernels):
+    d = _copy(tiny_exports["executorch"], tmp_path / "export")
+    m = json.loads((d / "manifest.json").read_text())
+    m["io"]["cache"]["kernels"] = kernels
+    _write(d, m)
+    with pytest.raises(ManifestError, match=r"io\.cache\.kernels: .* is not a list of kernels this runtime can load"):
+        read_manifest(d)
