@@ -5,11 +5,8 @@ The Python bindings cannot pass per-load backend options, and XNNPACK's file-bac
 and libraries that can. It takes tokens and returns logits as numpy buffers, so this path never loads torch.
 
 Build: `g++` compiles native/shira_et.cpp against `executorch/include` and links `executorch/lib` of the installed
-wheel, with an rpath to it. The library is cached under $SHIRA_EDGE_CACHE (default $XDG_CACHE_HOME/shira-edge, else
-~/.cache/shira-edge) in native/, named by a hash of the source, the build command and the executorch version, so a
-changed source or another executorch builds anew. The build holds a file lock and writes a temporary file that is
-renamed into place, so concurrent first uses (pytest workers, two apps) build once and never load a half-written
-library.
+wheel, with an rpath to it; runtime/native_build.py caches it, keyed by the source, the command and the executorch
+version.
 
     >>> lib = library()                                  # doctest: +SKIP
     >>> program = NativeProgram(lib, "out/model.pte", "out/model.ptd", cache_path="", vocab=50272)  # doctest: +SKIP
@@ -20,23 +17,19 @@ library.
 from __future__ import annotations
 
 import ctypes
-import fcntl
-import hashlib
 import importlib.util
 import os
-import subprocess
 import threading
 from pathlib import Path
 
 import numpy as np
 
-SOURCE = Path(__file__).resolve().parent.parent / "native" / "shira_et.cpp"
+from . import native_build
+from .native_build import NativeUnavailable  # noqa: F401  (callers catch it as et_native.NativeUnavailable)
+
+SOURCE = native_build.NATIVE_DIR / "shira_et.cpp"
 LIBS = ["executorch", "executorch_backend_xnnpack", "executorch_kernels_optimized", "executorch_threadpool"]
 ERR_LEN = 512
-
-
-class NativeUnavailable(RuntimeError):
-    """The native runner cannot be built or loaded here; the message says why and what to do."""
 
 
 def _executorch_dir() -> Path:
@@ -56,43 +49,11 @@ def build_command(out: Path) -> list[str]:
             *[f"-l{name}" for name in LIBS], f"-Wl,-rpath,{lib}"]             # themselves when loaded: keep them
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("SHIRA_EDGE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") \
-        / "shira-edge"
-    return Path(root) / "native"
-
-
 def library_path() -> Path:
     """Where the library for this source + executorch + build command lives (built or not)."""
     from .et_compat import installed_version
 
-    if not SOURCE.is_file():
-        raise NativeUnavailable(f"{SOURCE}: the native runner's source is missing (an install without native/?); "
-                                f"install shira-edge from its source tree")
-    digest = hashlib.sha256(SOURCE.read_bytes())
-    digest.update(installed_version().encode())
-    digest.update(" ".join(build_command(Path("OUT"))).encode())
-    return cache_dir() / f"libshira_et-{digest.hexdigest()[:16]}.so"
-
-
-def build(path: Path) -> Path:
-    """Build the library at `path` unless it is there; one builder at a time, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if path.is_file():
-            return path
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            done = subprocess.run(build_command(tmp), capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise NativeUnavailable(f"building {SOURCE.name} failed: {exc}; install g++ (apt-get install g++)") \
-                from None
-        if done.returncode != 0:
-            tmp.unlink(missing_ok=True)
-            raise NativeUnavailable(f"building {SOURCE.name} with g++ failed:\n{done.stderr[-2000:]}")
-        os.replace(tmp, path)
-    return path
+    return native_build.library_path(SOURCE, "libshira_et", build_command, key=installed_version())
 
 
 _LIB = None
@@ -106,11 +67,7 @@ def library() -> ctypes.CDLL:
         if _LIB is None:
             path = library_path()
             if not path.is_file():
-                try:
-                    build(path)
-                except OSError as exc:   # e.g. an unwritable cache directory
-                    raise NativeUnavailable(f"{path.parent}: cannot build the native runner there ({exc}); set "
-                                            f"SHIRA_EDGE_CACHE to a writable directory") from None
+                native_build.build(path, SOURCE, build_command)
             try:
                 lib = ctypes.CDLL(str(path))
             except OSError as exc:

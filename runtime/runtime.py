@@ -31,7 +31,7 @@ from .patch import (BASE_PLAN, Plan, PreparedAdapter, Slot, adapter_key, compose
                     prepare_adapter)
 from .rwlock import RWLock
 from .sampling import TokenPicker
-from .scatter import check_plan, scatter_into
+from .scatter import check_plan, kernel as scatter_kernel, scatter_into
 from .tokenizer import TextTokenizer, TokenizerError
 
 PLAN_CACHE = 16      # composed states kept; each costs 16 bytes per touched weight
@@ -64,6 +64,7 @@ class Runtime:
         self._vocab = self.manifest["io"].get("vocab_size")   # validated by read_manifest
         pin_base(file_view(s) for s in self._backend.slots.values())   # base values as loaded (patch.read_base)
         self.scatter_threads = scatter_threads or threads or 1
+        self.scatter_kernel = scatter_kernel()   # "native" | "numpy"; builds the native one now, not in a switch
         self._lock = RWLock()
         self._adapters: dict[str, PreparedAdapter] = {}
         self._plans: OrderedDict[tuple, Plan] = OrderedDict()
