@@ -69,10 +69,14 @@ def export_executorch(model, info, out_dir: Path, *, stages: Stages, max_seq_len
     wrapper = decoder(model, arch, max_seq_len).eval()
     kernels = list(LLM_KERNELS) if use_kernels else []
 
-    with stages("trace", f"torch.export, dynamic seq 1..{max_seq_len}"), torch.no_grad():
-        ep = _export(wrapper, max_seq_len)
-    with stages("lower", "to_edge_transform_and_lower(XNNPACK) -> to_executorch"):
-        program = _lower(ep)
+    with warnings.catch_warnings():
+        # executorch's own meta functions for its LLM kernels call torch._check_is_size, deprecated in torch 2.13:
+        # one FutureWarning per layer and pass, about executorch's code, not the user's model
+        warnings.filterwarnings("ignore", message="_check_is_size will be removed", category=FutureWarning)
+        with stages("trace", f"torch.export, dynamic seq 1..{max_seq_len}"), torch.no_grad():
+            ep = _export(wrapper, max_seq_len)
+        with stages("lower", "to_edge_transform_and_lower(XNNPACK) -> to_executorch"):
+            program = _lower(ep)
     with stages("write", f"{PROGRAM_FILE} + {DATA_FILE}"):
         (out_dir / PROGRAM_FILE).write_bytes(program.buffer)
         program.write_tensor_data_to_file(str(out_dir))
