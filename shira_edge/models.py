@@ -119,7 +119,7 @@ def load_model(name: str, *, random_init: bool = False, seed: int = DEFAULT_SEED
     if not random_init:
         gguf = ALIASES[name].gguf if kind == "alias" else None
         try:
-            model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_pretrained(_hub_source(target, gguf), dtype=torch_dtype)
             provenance = _read_provenance(target) if kind == "dir" else None
         except (OSError, ValueError) as exc:
             if gguf is None:
@@ -167,11 +167,34 @@ def load_tokenizer(name: str):
     if target is None:
         raise ModelNotAvailable(f"{name!r} is a config-only model: it has no tokenizer")
     try:
-        return AutoTokenizer.from_pretrained(target)
+        return AutoTokenizer.from_pretrained(_hub_source(target, gguf))
     except (OSError, ValueError) as exc:
         if gguf is None:
             raise ModelNotAvailable(f"no tokenizer for {name!r} in {target}: {_first_line(exc)}") from exc
     return AutoTokenizer.from_pretrained(gguf_model_dir(name))
+
+
+def _hub_source(target: str, gguf, timeout: float = 2.0) -> str:
+    """What from_pretrained should read for a hub id: the id itself, or, for a model with a packaged fallback when
+    the hub cannot be reached, its snapshot in the local HF cache (OSError if there is none, so the caller falls
+    back). Without this an offline machine spends about 45 s in huggingface_hub's retries per load (measured here),
+    even with local_files_only, which transformers' adapter_config.json probe ignores."""
+    if gguf is None or os.environ.get("HF_HUB_OFFLINE"):
+        return target
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return target
+    except OSError:
+        cached = try_to_load_from_cache(target, "config.json")
+        if isinstance(cached, str):
+            return str(Path(cached).parent)
+        raise OSError(f"{url.hostname} is unreachable and {target} is not in the local cache") from None
 
 
 def cache_root() -> Path:

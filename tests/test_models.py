@@ -199,3 +199,21 @@ def test_gguf_alias_converts_once_then_reuses_the_cache(converted, monkeypatch, 
     assert info.weights == "pretrained" and info.provenance == packaged[0]
     assert torch.equal(again.model.layers[1].self_attn.k_proj.weight, reference.model.layers[1].self_attn.k_proj.weight)
     assert models.load_tokenizer("tiny-gguf").decode([259]) == "he"  # 3 specials + 256 byte symbols, then the merges
+
+
+def test_an_unreachable_hub_is_not_retried_for_a_model_with_a_packaged_fallback(monkeypatch):
+    import socket
+
+    import huggingface_hub
+
+    def unreachable(*a, **k):
+        raise OSError("no route")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: None)
+    with pytest.raises(OSError, match="unreachable and org/m is not in the local cache"):
+        models._hub_source("org/m", gguf=object())
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: "/hf/snap/abc/config.json")
+    assert models._hub_source("org/m", gguf=object()) == "/hf/snap/abc"
+    assert models._hub_source("org/m", gguf=None) == "org/m"   # no fallback: the hub's own error, as before
