@@ -241,18 +241,30 @@ def time_onnx(genai: Path | None, onnx: Path | None, samples: int, warmup: int, 
     return results
 
 
-def time_et(et_llm: Path | None, et: Path | None, samples: int, warmup: int) -> dict:
+def time_et(et_llm: Path | None, ets: list[Path], samples: int, warmup: int) -> dict:
+    """export_llm's program, then each of our .pte through the Python bindings (as export_llm's is run), and the
+    first one through shira-edge's Runtime (the native runner, packed in place)."""
+    from shira_edge.runtime import Runtime
     from shira_edge.runtime.manifest import read_manifest
 
     et_llm_runtime()   # loads the bindings, so the pool can be sized before any program exists:
     set_threads(1)     # resetting it under a loaded XNNPACK program crashes (SIGSEGV) on the next call
-    engines = {}
+    engines, steps = {}, {}
     if et_llm:
         engines["export_llm .pte (XNNPACK)"] = EtLlmProgram(et_llm / "model.pte")
-    if et:
-        engines["shira-edge .pte"] = PlainModel("executorch", et, read_manifest(et), 1)
-    return {kind: _summaries(interleave({n: e.call(kind) for n, e in engines.items()}, samples=samples,
-                                        warmup=warmup)) for kind in kinds()}
+    for et in ets:
+        manifest = read_manifest(et)
+        carrier = "LLM kernels" if manifest["io"]["cache"].get("kernels") else "masked cache"
+        engines[f"shira-edge .pte, {carrier} ({et.name})"] = PlainModel("executorch", et, manifest, 1)
+    if ets:
+        manifest = read_manifest(ets[0])
+        steps[f"shira-edge Runtime, step() ({ets[0].name})"] = (Runtime(ets[0], threads=1), manifest)
+    results = {}
+    for kind in kinds():
+        modes = {n: e.call(kind) for n, e in engines.items()}
+        modes.update({n: stepper(rt, manifest, kind) for n, (rt, manifest) in steps.items()})
+        results[kind] = _summaries(interleave(modes, samples=samples, warmup=warmup))
+    return results
 
 
 def _summaries(samples: dict[str, list[float]]) -> dict:
@@ -294,8 +306,11 @@ def main() -> int:
         p.add_argument("-o", "--out", type=Path, required=True)
     e.add_argument("--max-seq-len", type=int, default=256)
     t = sub.add_parser("time", help="time the given folders, interleaved, 1 thread")
-    for flag in ("--genai", "--onnx", "--from-genai", "--et-llm", "--et"):
+    for flag in ("--genai", "--onnx", "--from-genai", "--et-llm"):
         t.add_argument(flag, type=Path)
+    t.add_argument("--et", type=Path, action="append", default=[],
+                   help="a shira-edge ExecuTorch export (repeat to compare several; the first also runs through "
+                        "the Runtime)")
     t.add_argument("--samples", type=int, default=15)
     t.add_argument("--warmup", type=int, default=2)
     t.add_argument("-o", "--out", type=Path, help="write the results as JSON here")

@@ -77,6 +77,10 @@ class PlainModel:
             import torch  # noqa: F401  (the bindings need libtorch first)
             from executorch.runtime import Runtime as EtRuntime
 
+            if manifest["io"]["cache"].get("kernels"):   # a program on ExecuTorch's LLM kernels, as the runtime does
+                from shira_edge.runtime.et_native import load_llm_kernels
+
+                load_llm_kernels()
             files = manifest["files"]
             program = EtRuntime.get().load_program(model_dir / files["program"], data_path=model_dir / files["data"])
             self._method = program.load_method(manifest["io"]["methods"][0])
