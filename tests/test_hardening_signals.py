@@ -28,7 +28,10 @@ from shira_edge.runtime.shira_format import make_adapter, make_target, write_shi
 # Protocol on stdin/stdout, one JSON line each: {"run": [marker, hook, cwd, args]} -> {"pid"};
 # {"wait": pid} -> {"code"} (os.waitstatus_to_exitcode: -9 for SIGKILL).
 ZYGOTE = textwrap.dedent("""
-    import json, os, sys, time
+    import json, os, signal, sys, time
+    # A shell starts background jobs (`make test &`, nohup) with SIGINT ignored and Python keeps it so: restore
+    # the default here, so the test sees what a user's Ctrl-C does however pytest itself was launched.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import peft, torch, transformers
     import shira_edge.cli, shira_edge.commands.export, shira_edge.commands.pack, shira_edge.commands.train
     import shira_edge.exporters.onnx_export, shira_edge.tuner.train
