@@ -116,8 +116,8 @@ def load_llm_kernels() -> None:
 
 def _quiet_logs(lib) -> None:
     """Install the runner's errors-only log sink. Over the sink the kernels' library installed, ExecuTorch says so
-    in one line on stderr ("register_pal() called multiple times"), through that sink: fd 2 points at /dev/null for that
-    one call, a few microseconds, so a user sees no start-up noise."""
+    in one line on stderr ("register_pal() called multiple times"): fd 2 points at /dev/null for that one call, so
+    a user sees no start-up noise."""
     if not _KERNELS_LOADED:
         lib.shira_et_quiet_logs()
         return

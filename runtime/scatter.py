@@ -93,7 +93,8 @@ def kernel() -> str:
                 _native = False
                 if str(exc) != "SHIRA_EDGE_SCATTER=numpy":
                     warnings.warn(f"the native scatter kernel is unavailable ({exc}); switches use numpy's fancy "
-                                  f"assignment, about 2-3x slower", RuntimeWarning, stacklevel=2)
+                                  f"assignment, 1.7-2.7x slower where measured (docs/benchmarks.md)",
+                                  RuntimeWarning, stacklevel=2)
     return "native" if _native else "numpy"
 
 
