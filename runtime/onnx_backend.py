@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import threading
 import warnings
 import weakref
@@ -35,6 +34,7 @@ import numpy as np
 
 from .backend import slots_from_manifest
 from .manifest import tensor_shape
+from .onnx_packed import release_freed_memory
 
 POLICIES = ("auto", "instant", "packed")
 ALIGN_ELEMENTS = 16     # each weight starts on a 64-byte line, so no cache line is shared by two weights
@@ -334,15 +334,3 @@ _OPEN: "weakref.WeakSet[RebuildSessions]" = weakref.WeakSet()
 def _close_all() -> None:
     for sessions in list(_OPEN):
         sessions.close()
-
-
-def release_freed_memory() -> None:
-    """Give the freed prepacked copy of a dropped session back to the OS before packing the next one.
-
-    Measured on opt-125m (docs/runtime.md): without it glibc keeps the freed buffers in its heap and the process
-    grows by ~700 MB over a few switches ("auto"); with it, it stays flat. No-op where glibc is absent.
-    """
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

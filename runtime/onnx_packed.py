@@ -3,37 +3,47 @@ a live session computes with, so a switch is a scatter and the next run is at th
 
 Start-up (`PackedInPlace`), all of it before the runtime accepts a switch:
 
-1. **Pack cache.** A session over the export with `session.save_external_prepacked_constant_initializers=1`,
-   `optimized_model_filepath` and `session.optimized_model_external_initializers_file_name` writes the optimized
-   model and one data file holding every initializer and the packed copy of every constant MatMul weight, into a
-   fresh private directory on a tmpfs (`pack_dir()`). ORT refuses a memfd's /proc/self/fd/N path (its external-data
-   check canonicalises it to "/memfd:... (deleted)"), so the directory is on /dev/shm; it is unlinked as soon as the
-   packed session and our mapping are open, so nothing outlives the process, and a directory left by a process
-   that died during the few seconds before is removed at the next start (`remove_stale`). The cache is built from
-   the export at every start, never reused: a crash mid-switch cannot leave patched "base" weights behind.
-2. **One packed session** over the saved model. ORT maps the data file (MAP_PRIVATE) and its MatMul kernels read the
-   packed blobs from that mapping. We map the same file MAP_SHARED (`np.memmap(mode="r+")`) as the patch target
-   `flat`; writes through it reach the session's mapping through the page cache.
-3. **Layout, probed here.** For every distinct (K, N) a one-MatMul model whose weight element e holds the float32
-   with bit pattern 0x3f800000 + e is saved the same way; where each pattern landed gives the offset of element e
-   (`probe_layout`). If that equals the MLAS closed form (layout.MlasPackedB) the closed form is kept (no table);
-   otherwise the probed table is (layout.TablePacking).
-4. **Verify.** Every patchable tensor's packed blob in the file must equal the export's tensor placed through that
-   layout, bit for bit (padding zero). Then the unpacked originals of the patchable tensors are released
-   (fallocate PUNCH_HOLE), and the logits must stay bit-identical; if not, they are written back.
-5. **Self-test.** Patch one packed element: the logits must move; restore it: they must be bit-identical again.
+1. **Layout, probed here.** For every distinct (K, N) of the patchable weights a one-MatMul model whose weight
+   element e holds the float32 with bit pattern 0x3f800000 + e is saved by ORT with its prepacked weights
+   (`session.save_external_prepacked_constant_initializers=1`); where each pattern landed gives the offset of
+   element e (`probe_layout`). If that equals the MLAS closed form (layout.MlasPackedB) the closed form is kept (no
+   table); otherwise the probed table is (layout.TablePacking).
+2. **Pack cache** (`write_pack_cache`). One data file holding every initializer of the export and, next to each
+   weight that only MatMuls read, ORT's packed copy of it, with the export's graph pointing at both. ORT packs the
+   weights a few MB at a time in models of bare MatMuls and files each blob under "MatMul+<hash of the packed
+   bytes>", the key the export's own MatMul kernel looks up at load. (Letting one ORT session save the whole
+   export packed held its weights, their heap-packed copies and the whole file at once: 2.1x a plain session's
+   memory at the peak, against 1.3-1.4x this way.) It goes into a fresh private directory on a tmpfs
+   (`pack_dir()`). ORT refuses a memfd's /proc/self/fd/N path (its external-data check canonicalises it to
+   "/memfd:... (deleted)"), and any location outside the model's directory, so the directory is on /dev/shm; it is
+   unlinked as soon as the packed session and our mapping are open, so nothing outlives the process, and a
+   directory left by a process that died during the few seconds before is removed at the next start
+   (`remove_stale`). The cache is built from the export at every start, never reused: a crash mid-switch cannot
+   leave patched "base" weights behind.
+3. **One packed session** over it. ORT maps the data file (MAP_PRIVATE) and its MatMul kernels read the packed
+   blobs from that mapping. We map the same file MAP_SHARED (`np.memmap(mode="r+")`) as the patch target `flat`;
+   writes through it reach the session's mapping through the page cache.
+4. **Release, verify.** The unpacked originals of the patchable tensors that only MatMuls read are released
+   (fallocate PUNCH_HOLE), and the logits must stay bit-identical; if not, they are written back. Every patchable
+   tensor's packed blob must equal the export's tensor placed through the probed layout, bit for bit (padding
+   zero).
+5. **Self-test.** Double a patchable tensor in the packed cache: the logits must move; restore it. Every tensor of
+   the first and the last layer, and one per layer in between, roles in turn (`self_test_tensors`); then the
+   logits must be bit-identical to before.
 
 Any failure raises PackedPathUnavailable with the reason; the ONNX backend then falls back to rebuilding sessions.
 
-What this relies on that ORT does not promise (all checked by 3-5 on the running machine and ORT build): that the
-session reads packed weights from the mapped file rather than a private copy, never writes to that mapping, keeps
-the saved layout, and does not read the unpacked originals after it was created.
+What this relies on that ORT does not promise (all checked by 1-5 on the running machine and ORT build): that the
+session reads packed weights from the mapped file rather than a private copy, that a blob packed in a bare MatMul
+model is the one the export's MatMul asks for, that the session never writes to that mapping, keeps the saved
+layout, and does not read the unpacked originals after it was created.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -50,6 +60,8 @@ PREFIX = "shira-edge-pack-"
 ONE_BITS = 0x3F800000                  # float32 1.0: probe value of element e is the float with bits ONE_BITS + e
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
 TMPFS = ("tmpfs", "ramfs")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+CHUNK_BYTES = 16 << 20                 # weights ORT packs per chunk while the pack cache is written
 
 
 class PackedPathUnavailable(RuntimeError):
@@ -113,6 +125,99 @@ def save_packed(ort, model, options, out_dir: Path, data_name: str) -> tuple[Pat
     return out_model, out_dir / data_name
 
 
+class _Appender:
+    """Appends tensors to the pack cache's data file at aligned offsets; returns their external-data entries."""
+
+    def __init__(self, path: Path):
+        self.name, self.file, self.size = path.name, open(path, "wb"), 0
+
+    def put(self, data) -> tuple[int, int]:
+        # Page-aligned tensors are mapped by ORT, not read into its heap; 64 bytes keep small ones SIMD-aligned.
+        align = PAGE if len(data) >= PAGE else 64
+        pad = -self.size % align
+        self.file.write(b"\0" * pad)
+        self.file.write(data)
+        at, self.size = self.size + pad, self.size + pad + len(data)
+        return at, len(data)
+
+    def entries(self, at: int, length: int) -> list[tuple[str, str]]:
+        return [("location", self.name), ("offset", str(at)), ("length", str(length))]
+
+
+def _tensor_bytes(init: onnx_proto.Initializer, export_dir: Path, files: dict) -> bytes | None:
+    """The data of one initializer of the (untrusted) export: inline raw data, or its checked external range."""
+    if not init.external:
+        return init.raw
+    location = init.external.get("location", "")
+    path = (export_dir / location).resolve()
+    if Path(location).is_absolute() or path.parent != export_dir.resolve() or not path.is_file():
+        raise PackedPathUnavailable(f"{init.name}: external data location {location!r} is not a file of the export")
+    try:
+        offset, length = int(init.external.get("offset", 0)), int(init.external["length"])
+    except (KeyError, ValueError):
+        raise PackedPathUnavailable(f"{init.name}: external data offset/length are not integers") from None
+    f = files.get(path) or files.setdefault(path, open(path, "rb"))
+    if offset < 0 or length < 0 or offset + length > os.fstat(f.fileno()).st_size:
+        raise PackedPathUnavailable(f"{init.name}: external data [{offset}, +{length}) lies outside {location}")
+    f.seek(offset)
+    return f.read(length)
+
+
+def write_pack_cache(ort, export_model: Path, make_options, out_dir: Path, data_name: str,
+                     chunk_bytes: int = CHUNK_BYTES) -> tuple[Path, Path]:
+    """Write the export as a model whose initializers all live in one data file in out_dir, together with ORT's packed
+    copy of every weight that only MatMuls read: (model, data). Step 2 of the module docstring: ORT packs
+    `chunk_bytes` of weights at a time, so the peak is the file plus one chunk, not the file plus every weight twice.
+    The export is untrusted: an external-data location outside its directory, or a range past its file, is refused."""
+    export = export_model.read_bytes()
+    b_weights = onnx_proto.matmul_weights(export)
+    out, files, external = _Appender(out_dir / data_name), {}, {}
+    chunk: list[tuple[str, np.ndarray]] = []
+
+    def flush():
+        model, data = save_packed(ort, onnx_proto.matmuls_model(chunk), make_options(), out_dir, "chunk")
+        try:
+            saved = {i.name: i for i in onnx_proto.initializers(model.read_bytes())}
+            with open(data, "rb") as f:
+                for name, _ in chunk:
+                    blobs = [(k, v) for k, v in saved[name].external.items() if k.startswith("prepacked")]
+                    if len(blobs) != 1:
+                        raise PackedPathUnavailable(f"ORT saved {len(blobs)} packed blobs of {name}, not one")
+                    key, value = blobs[0]
+                    kernel, _, where = value.partition("|")
+                    offset, length, checksum = where.split(";")
+                    f.seek(int(offset))
+                    at, _ = out.put(f.read(int(length)))
+                    external[name].append((key, f"{kernel}|{at};{length};{checksum}"))
+        finally:
+            model.unlink(missing_ok=True)
+            data.unlink(missing_ok=True)
+        chunk.clear()
+
+    try:
+        for init in onnx_proto.initializers(export):
+            packable = init.name in b_weights and init.data_type == onnx_proto.FLOAT and len(init.dims) == 2
+            if not (init.external or packable):   # small inline constants stay as they are
+                continue
+            data = _tensor_bytes(init, export_model.parent, files)
+            if data is None:
+                continue
+            external[init.name] = out.entries(*out.put(data))
+            if packable:
+                chunk.append((init.name, np.frombuffer(data, "<f4").reshape(init.dims)))
+                if sum(w.nbytes for _, w in chunk) >= chunk_bytes:
+                    flush()
+        if chunk:
+            flush()
+    finally:
+        out.file.close()
+        for f in files.values():
+            f.close()
+    model = out_dir / (data_name + ".onnx")
+    model.write_bytes(onnx_proto.with_external_data(export, external))
+    return model, out_dir / data_name
+
+
 def blob_of(init: onnx_proto.Initializer, where: str) -> tuple[int, int]:
     """(offset, length) in bytes of the single MatMul prepacked blob of one initializer."""
     blobs = init.prepacked()
@@ -154,6 +259,16 @@ def probe_layout(ort, k: int, n: int, make_options, workdir: Path):
     return TablePacking(table, blob.size), False
 
 
+def release_freed_memory() -> None:
+    """Give freed heap back to the OS; no-op where glibc is absent. glibc keeps large freed buffers: on the rebuild
+    path the process grew by ~700 MB over a few switches without this (opt-125m, docs/runtime.md), and here the pack
+    cache's chunk buffers would stay resident through the packed session's peak."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def punch_hole(fd: int, start: int, stop: int, page: int) -> int:
     """Free the whole pages inside [start, stop) of a tmpfs file; returns the bytes freed (0 where unsupported)."""
     a, b = -(-start // page) * page, stop // page * page
@@ -188,15 +303,7 @@ class PackedInPlace:
         work = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=root))
         self.fd, self._session = None, None
         try:
-            saved_model, saved_data = save_packed(ort, model_path, make_options(), work, "model.pack")
-            lap("save_packed_model")
-            self._session = ort.InferenceSession(str(saved_model), make_options(), providers=["CPUExecutionProvider"])
-            lap("packed_session")
-            self.fd = os.open(saved_data, os.O_RDWR)
-            self.flat = np.memmap(saved_data, dtype="<f4", mode="r+")
-            saved = saved_model.read_bytes()
-            inits = {i.name: i for i in onnx_proto.initializers(saved)}
-            readers = onnx_proto.consumers(saved)
+            # Probes first: they are small, and the memory peak comes later, while the packed session is made.
             self.layouts = {}   # (K, N) -> (packing, closed form?)
             for w in manifest_weights:
                 if w["patchable"]:
@@ -204,6 +311,16 @@ class PackedInPlace:
                     if shape not in self.layouts:
                         self.layouts[shape] = probe_layout(ort, *shape, make_options, work)
             lap("layout_probes")
+            saved_model, saved_data = write_pack_cache(ort, model_path, make_options, work, "model.pack")
+            release_freed_memory()   # the chunks' transient buffers, before ORT's own peak
+            lap("write_pack_cache")
+            self._session = ort.InferenceSession(str(saved_model), make_options(), providers=["CPUExecutionProvider"])
+            lap("packed_session")
+            self.fd = os.open(saved_data, os.O_RDWR)
+            self.flat = np.memmap(saved_data, dtype="<f4", mode="r+")
+            saved = saved_model.read_bytes()
+            inits = {i.name: i for i in onnx_proto.initializers(saved)}
+            readers = onnx_proto.consumers(saved)
         except BaseException:
             self.close()
             raise
@@ -214,7 +331,7 @@ class PackedInPlace:
         def place(entry):
             init = inits.get(entry["tensor"])
             if init is None:
-                raise PackedPathUnavailable(f"the optimized model has no initializer {entry['tensor']!r}")
+                raise PackedPathUnavailable(f"the pack cache's model has no initializer {entry['tensor']!r}")
             offset, length = blob_of(init, "pack cache")
             packing = self.layouts.get(tuple(init.dims), (None,))[0]
             if packing is None or packing.size * 4 != length:
@@ -226,10 +343,10 @@ class PackedInPlace:
 
         try:
             self.slots = slots_from(place)
-            self.verify_layout()
-            lap("verify_layout")
             self.freed_bytes = self.release_originals(logits_of, probe_ids)
             lap("release_originals")
+            self.verify_layout()   # after the release: its transient buffers then stay below the session's peak
+            lap("verify_layout")
             self.self_test(logits_of, probe_ids)
             lap("self_test")
         except BaseException:   # the fallback takes over: free the session and the tmpfs file now, not at GC
@@ -294,21 +411,45 @@ class PackedInPlace:
         return freed
 
     def self_test(self, logits_of, ids) -> None:
-        """Patch one packed element: the output must move; restore it: the output must be bit-identical again."""
-        slot = next(iter(self.tensors()))
-        at = slot.start + int(slot.packing.positions(np.array([0]))[0])
-        before = logits_of(self._session, ids)
-        old = self.flat[at].copy()
-        try:
-            self.flat[at] = old + np.float32(1.0) if abs(old) < 1e3 else -old
-            moved = not np.array_equal(logits_of(self._session, ids), before)
-        finally:
-            self.flat[at] = old
-        if not moved:
-            raise PackedPathUnavailable(f"self-test: a patch of {slot.name} in the packed cache did not change the "
-                                        f"output (this ORT build does not compute from the mapped packed weights)")
+        """Double each tensor of `self_test_tensors()` in turn: the output must move each time (so the session computes
+        it from its mapped blob, not from a private copy); then, all restored, it must be bit-identical to before.
+        The whole tensor, because one element or one column can sit behind a dead ReLU or sum to nothing after a
+        LayerNorm; two tokens, because with one, attention ignores the keys."""
+        before, short = logits_of(self._session, ids), ids[:, :2]
+        base = logits_of(self._session, short)
+        for slot in self.self_test_tensors():
+            blob = self.flat[slot.start: slot.start + slot.packing.size]
+            saved = np.array(blob)
+            try:
+                blob *= np.float32(2.0)
+                moved = not np.array_equal(logits_of(self._session, short), base)
+            finally:
+                blob[:] = saved
+            if not moved:
+                raise PackedPathUnavailable(f"self-test: a patch of {slot.name} in the packed cache did not change "
+                                            f"the output (this ORT build does not compute it from the mapped packed "
+                                            f"weights)")
         if not np.array_equal(logits_of(self._session, ids), before):
-            raise PackedPathUnavailable(f"self-test: restoring {slot.name} did not give the base output back")
+            raise PackedPathUnavailable("self-test: restoring the patched tensors did not give the base output back")
+
+    def self_test_tensors(self) -> list:
+        """The tensors the self-test patches: every one of the first and the last layer, and one per layer in between,
+        its role taken in turn (q, k, v, ...), so every layer and every role is seen. Each test is a forward pass that
+        streams all weights (~50 ms on opt-125m), so testing all 72-210 tensors would add 4-12 s to every start. What
+        it guards against is a graph rewrite at load (a MatMul turned into another op, whose kernel then looks up a
+        different key and packs a private copy), and ORT rewrites by pattern: the same role in every layer, with
+        the first and the last layer the ones whose neighbours differ. Names without a layer number are all tested."""
+        layers: dict[int, list] = {}
+        for slot in self.tensors():
+            match = re.search(r"\.(\d+)\.", slot.name)
+            layers.setdefault(int(match.group(1)) if match else -1, []).append(slot)
+        if -1 in layers or len(layers) <= 2:
+            return list(self.tensors())
+        order = sorted(layers)
+        chosen = layers[order[0]] + layers[order[-1]]
+        for i, layer in enumerate(order[1:-1]):
+            chosen.append(layers[layer][i % len(layers[layer])])
+        return chosen
 
     def close(self) -> None:
         self._session = self.flat = None   # the mapping goes with its last reference; the tmpfs file with the fd

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -124,6 +125,87 @@ def test_generate_matches_step_by_step_forwards(rt, shiras):
     for _ in range(5):
         seq = np.concatenate([seq, rt.run(seq)[:, -1].argmax(-1)[:, None]], axis=1)
     assert np.array_equal(tokens, seq)
+
+
+def test_pack_cache_holds_the_export_and_one_packed_blob_per_matmul_weight(onnx_dir, tmp_path):
+    import onnxruntime as ort
+
+    from shira_edge.runtime import onnx_proto
+
+    export = (onnx_dir / "model.onnx").read_bytes()
+    model, data = onnx_packed.write_pack_cache(ort, onnx_dir / "model.onnx", ort.SessionOptions, tmp_path, "pack",
+                                               chunk_bytes=1)   # one weight per chunk: the chunking is exercised
+    source = {i.name: i for i in onnx_proto.initializers(export)}
+    weights = onnx_proto.matmul_weights(export)
+    assert weights and sorted(p.name for p in tmp_path.iterdir()) == ["pack", "pack.onnx"]
+    moved_all = [i for i in onnx_proto.initializers(model.read_bytes()) if i.external]
+    assert {i.name for i in moved_all} == {i.name for i in source.values() if i.external} | weights
+    for init in moved_all:
+        assert init.external["location"] == "pack"
+        moved = np.fromfile(data, "<u4", int(init.external["length"]) // 4, offset=int(init.external["offset"]))
+        was = source[init.name]
+        raw = np.fromfile(onnx_dir / was.external["location"], "<u4", moved.size, offset=int(was.external["offset"]))
+        assert np.array_equal(moved, raw), init.name
+        assert [b[0] for b in init.prepacked()] == (["MatMul"] if init.name in weights else [])
+
+
+@pytest.mark.parametrize("location, offset, match", [
+    ("../model.onnx.data", 0, "not a file of the export"),
+    ("/etc/passwd", 0, "not a file of the export"),
+    ("model.onnx.data", 1 << 40, "lies outside"),
+], ids=["escapes-the-dir", "absolute", "past-the-end"])
+def test_pack_cache_refuses_external_data_outside_the_export(onnx_dir, tmp_path, location, offset, match):
+    import onnxruntime as ort
+
+    from shira_edge.runtime import onnx_proto
+
+    export = (onnx_dir / "model.onnx").read_bytes()
+    name = sorted(onnx_proto.matmul_weights(export))[0]
+    bad = tmp_path / "export"
+    bad.mkdir()
+    hostile = onnx_proto.with_external_data(export, {name: [("location", location), ("offset", str(offset)),
+                                                            ("length", "16")]})
+    (bad / "model.onnx").write_bytes(hostile)
+    shutil.copy(onnx_dir / "model.onnx.data", bad / "model.onnx.data")
+    with pytest.raises(onnx_packed.PackedPathUnavailable, match=f"{name}.*{match}"):
+        onnx_packed.write_pack_cache(ort, bad / "model.onnx", ort.SessionOptions, tmp_path, "pack")
+
+
+def test_a_weight_served_from_a_private_copy_fails_the_self_test(onnx_dir, monkeypatch):
+    # A blob filed under a key the kernel does not ask for is what a graph rewrite at load would cause: ORT packs
+    # that weight privately, the blob in the file is dead, and patches to it would be silently lost.
+    from shira_edge.runtime import onnx_proto
+
+    real = onnx_packed.write_pack_cache
+    weights = onnx_proto.matmul_weights((onnx_dir / "model.onnx").read_bytes())
+    victim = next(n for n in sorted(weights) if ".layers.1." in n and "fc2" in n)
+
+    def wrong_key(ort, export_model, make_options, out_dir, data_name, **kw):
+        model, data = real(ort, export_model, make_options, out_dir, data_name, **kw)
+        init = next(i for i in onnx_proto.initializers(model.read_bytes()) if i.name == victim)
+        entries = [(k, v if not k.startswith("prepacked") else "MatMul+1|" + v.partition("|")[2])
+                   for k, v in init.external.items()]
+        model.write_bytes(onnx_proto.with_external_data(model.read_bytes(), {victim: entries}))
+        return model, data
+
+    monkeypatch.setattr(onnx_packed, "write_pack_cache", wrong_key)
+    with pytest.warns(PackedPathWarning, match="did not change the output") as caught:
+        with Runtime(onnx_dir, threads=1) as fallback:
+            assert fallback.switch_path == "rebuild"
+    assert victim.removesuffix("_t") in str(caught[0].message)   # the slot name: the PyTorch weight
+
+
+def test_self_test_covers_every_layer_and_every_role():
+    names = [f"m.layers.{layer}.{role}" for layer in range(6) for role in ("q", "k", "v", "fc")]
+    fake = onnx_packed.PackedInPlace.__new__(onnx_packed.PackedInPlace)
+    fake.slots = {n: Slot(n, 2, 2, "as_is", i, None, 0, "", True) for i, n in enumerate(names)}
+    chosen = [s.name for s in fake.self_test_tensors()]
+    assert chosen[:8] == names[:4] + names[-4:]   # first and last layer: all of them
+    middle = chosen[8:]
+    assert [n.split(".")[2] for n in middle] == ["1", "2", "3", "4"]
+    assert [n.split(".")[3] for n in middle] == ["q", "k", "v", "fc"]
+    fake.slots = {n: Slot(n, 2, 2, "as_is", i, None, 0, "", True) for i, n in enumerate(["lm_head", "a", "b"])}
+    assert len(fake.self_test_tensors()) == 3   # no layer numbers: all
 
 
 # ---------------------------------------------------------------- fallback
