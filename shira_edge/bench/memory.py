@@ -12,7 +12,8 @@ RSS alone misstates the packed-in-place runtime: its weights live in a tmpfs fil
 mapped, and twice where ORT's mapping and the patch mapping both hold a page. So every mode is also measured as its
 *footprint*: private and file-backed resident memory (VmRSS - RssShmem) plus the tmpfs bytes of the files this
 process holds open or is writing (each counted once), sampled every few ms by `Footprint`: the peak (start-up
-included) and the value at the end (steady state, after the switches).
+included) and the value at the end (steady state, after the switches, taken while the model is still open: closing
+the runtime frees its cache, and an end read after it would flatter it).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def measure(spec: dict) -> dict:
     footprint = Footprint()
     kinds = ("decode", "prefill_128")
 
+    steady = None   # (footprint, tmpfs) at the end, taken before anything is closed
+
     def run_all(obj, calls=None):
         for kind in kinds:
             (calls(kind) if calls else stepper(obj, manifest, kind))()
@@ -62,6 +65,7 @@ def measure(spec: dict) -> dict:
                 rt.switch(path)
                 rt.wait_ready()
                 run_all(rt)
+            steady = footprint.sample()   # while the runtime is open: closing it frees its cache
     elif mode == "lora_fused":
         from .adapters import patchable, random_lora
         from .lora_fused import LoraFused
@@ -75,6 +79,7 @@ def measure(spec: dict) -> dict:
             lf.rebuild()
             run_all(lf)
             old = new
+        steady = footprint.sample()
         lf.close()
     elif mode == "lora_unfused":
         from .adapters import random_lora
@@ -96,6 +101,8 @@ def measure(spec: dict) -> dict:
         raise ValueError(f"mode {mode!r} is not one of {MODES}")
     peak = peak_rss()
     end, peak_footprint, tmpfs_end = footprint.stop()
+    if steady is not None:
+        end, tmpfs_end = steady
     return {"mode": mode, "backend": backend, "r": spec.get("r"), "peak_rss_bytes": peak,
             "baseline_rss_bytes": baseline, "model_rss_bytes": peak - baseline,
             "peak_footprint_bytes": peak_footprint, "end_footprint_bytes": end, "tmpfs_end_bytes": tmpfs_end}
