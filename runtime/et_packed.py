@@ -4,7 +4,8 @@ and the next run is at the plain program's speed.
 
 Start-up (`PackedProgram`), all of it before the runtime accepts a switch:
 
-1. **Cache file.** A fresh memfd (tmpfs: a disk-backed file would make every switch pay write-back) is handed to
+1. **Cache file.** A fresh memfd, or an unnamed file in $SHIRA_EDGE_PACK_DIR if that is set (`cache_file`; a
+   tmpfs: a disk-backed file would make every switch pay write-back), is handed to
    the native runner (runtime/et_native.py) as XNNPACK's `packed_cache_path`, with `weight_cache_enabled`, for this
    one load. XNNPACK packs every Linear weight from the export's .ptd into pages of that file it maps MAP_SHARED,
    computes from them, and appends an index (weight key + bias key -> offset, size, seed) at the end. The cache is
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import tmpfs
 from .et_compat import read_xnn_cache_index
 from .et_native import NativeProgram, NativeUnavailable
 from .backend import slots_from_manifest
@@ -95,10 +97,28 @@ def _memfd() -> tuple[int, str]:
         fd = os.memfd_create("shira-edge-xnnpack-cache", os.MFD_CLOEXEC)
     except (AttributeError, OSError) as exc:
         raise PackedPathUnavailable(f"no memfd on this system ({exc})") from None
-    path = f"/proc/self/fd/{fd}"
+    return fd, f"/proc/self/fd/{fd}"
+
+
+def cache_file() -> tuple[int, str]:
+    """(fd, path) of a fresh private tmpfs file for XNNPACK's cache: an unnamed file (O_TMPFILE) in
+    $SHIRA_EDGE_PACK_DIR if that is set (a tmpfs of the user's choice, e.g. one mounted huge=always), else a memfd.
+    Either has no name anyone else can open, and dies with its last fd and mapping."""
+    try:
+        root = tmpfs.pack_dir(default=None)
+    except tmpfs.NoTmpfs as exc:
+        raise PackedPathUnavailable(f"{tmpfs.PACK_DIR_ENV}={os.environ.get(tmpfs.PACK_DIR_ENV)!r}: {exc}") from None
+    if root is None:
+        fd, path = _memfd()
+    else:
+        try:
+            fd = os.open(root, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        except (AttributeError, OSError) as exc:
+            raise PackedPathUnavailable(f"cannot make XNNPACK's cache file in {root} ({exc})") from None
+        path = f"/proc/self/fd/{fd}"
     if not os.path.exists(path):
         os.close(fd)
-        raise PackedPathUnavailable("/proc/self/fd is not mounted, so XNNPACK cannot open the memfd by path")
+        raise PackedPathUnavailable("/proc/self/fd is not mounted, so XNNPACK cannot open its cache file by path")
     return fd, path
 
 
@@ -111,7 +131,7 @@ class PackedProgram:
 
     def __init__(self, lib, pte, data_file, manifest: dict, vocab: int):
         self.flat, self._map, self.program = None, None, None
-        self._fd, path = _memfd()
+        self._fd, path = cache_file()
         try:
             self.program = NativeProgram(lib, pte, data_file, cache_path=path, vocab=vocab)
             size = os.fstat(self._fd).st_size

@@ -51,15 +51,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import onnx_proto
+from . import onnx_proto, tmpfs
 from .layout import MlasPackedB, TablePacking, tensor_shape
 from .manifest import tensor_shape as entry_tensor_shape
 
-PACK_DIR_ENV = "SHIRA_EDGE_PACK_DIR"   # a tmpfs directory to use instead of /dev/shm
 PREFIX = "shira-edge-pack-"
 ONE_BITS = 0x3F800000                  # float32 1.0: probe value of element e is the float with bits ONE_BITS + e
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
-TMPFS = ("tmpfs", "ramfs")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 CHUNK_BYTES = 16 << 20                 # weights ORT packs per chunk while the pack cache is written
 
@@ -71,32 +69,12 @@ class PackedPathUnavailable(RuntimeError):
 # ---------------------------------------------------------------- where the cache lives
 
 
-def _fs_type(path: Path) -> str | None:
-    """File system type of the mount holding `path` (from /proc/self/mountinfo; None if unknown)."""
-    best, kind = "", None
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                parts = line.split()
-                mount, fstype = parts[4], parts[parts.index("-") + 1]
-                if (str(path) + "/").startswith(mount.rstrip("/") + "/") and len(mount) >= len(best):
-                    best, kind = mount, fstype
-    except (OSError, ValueError, IndexError):
-        return None
-    return kind
-
-
 def pack_dir() -> Path:
-    """A tmpfs directory for the pack cache: $SHIRA_EDGE_PACK_DIR, else /dev/shm. A disk-backed file would make every
-    switch pay write-back (150-190 ms measured on opt-125m) and write weights to disk, so anything else is refused."""
-    for candidate in (os.environ.get(PACK_DIR_ENV), "/dev/shm"):
-        if not candidate:
-            continue
-        path = Path(candidate)
-        if path.is_dir() and os.access(path, os.W_OK) and _fs_type(path.resolve()) in TMPFS:
-            return path
-    raise PackedPathUnavailable(f"no writable tmpfs for the pack cache (/dev/shm, or set {PACK_DIR_ENV} to a tmpfs "
-                                f"directory)")
+    """runtime/tmpfs.py's pack_dir, failing the way this path falls back."""
+    try:
+        return tmpfs.pack_dir()
+    except tmpfs.NoTmpfs as exc:
+        raise PackedPathUnavailable(str(exc)) from None
 
 
 def remove_stale(root: Path) -> None:

@@ -5,10 +5,12 @@ loads of the export with the patched weights written into its .ptd."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,6 +79,24 @@ def test_packed_path_runs_here(packed):
     assert packed.switch_fallback_reason is None
     slots = [s for s in packed._backend.slots.values() if s.patchable]
     assert slots and all(isinstance(s.packing, XnnpackPackedFC) for s in slots)
+
+
+def test_cache_goes_into_the_pack_dir_when_one_is_named(et_dir, shiras, tmp_path, monkeypatch):
+    # SHIRA_EDGE_PACK_DIR names the tmpfs (one mounted huge=always, say): the cache is an unnamed file there.
+    monkeypatch.setenv("SHIRA_EDGE_PACK_DIR", "/dev/shm")
+    with Runtime(et_dir) as rt:
+        assert rt.switch_path == "packed-in-place"
+        target = os.readlink(f"/proc/self/fd/{rt._backend._program._fd}")
+        assert target.startswith(str(Path("/dev/shm").resolve()) + "/") and "(deleted)" in target
+        rt.switch(shiras["a"])
+        assert np.array_equal(rt.run(IDS), _fresh_logits(_with_weights(et_dir, rt, tmp_path / "patched")))
+    monkeypatch.setenv("SHIRA_EDGE_PACK_DIR", str(tmp_path))   # on disk: refused, and the reload path runs
+    with pytest.warns(PackedPathWarning, match="SHIRA_EDGE_PACK_DIR.*no writable tmpfs"):
+        with Runtime(et_dir) as rt:
+            assert rt.switch_path == "reload"
+    monkeypatch.delenv("SHIRA_EDGE_PACK_DIR")
+    with Runtime(et_dir) as rt:
+        assert os.readlink(f"/proc/self/fd/{rt._backend._program._fd}").startswith("/memfd:")
 
 
 @pytest.mark.parametrize("state", ["a", "fused", "restored"])
