@@ -27,8 +27,10 @@ def mount_of(path: Path, mountinfo=None) -> tuple[str | None, dict]:
     """(file system type, super-block options) of the mount holding `path`, from /proc/self/mountinfo lines."""
     best, found = "", (None, {})
     try:
-        lines = mountinfo if mountinfo is not None else open("/proc/self/mountinfo").read().splitlines()
-        for line in lines:
+        if mountinfo is None:
+            with open("/proc/self/mountinfo") as f:
+                mountinfo = f.read().splitlines()
+        for line in mountinfo:
             parts = line.split()
             sep = parts.index("-")
             mount, fstype, options = parts[4], parts[sep + 1], parts[sep + 3] if len(parts) > sep + 3 else ""
