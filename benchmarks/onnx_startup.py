@@ -5,7 +5,7 @@ against the footprint peak of a plain prepacked session that loads and runs a de
     python benchmarks/onnx_startup.py /tmp/exports/opt125m-onnx --threads 1
 
 Footprint = resident memory without tmpfs pages + the tmpfs files the process holds (shira_edge/bench/memory.py,
-the same measure as `shira-edge bench` part (d)), sampled every 3 ms in a thread; a step's peak is the largest
+the same measure as `shira-edge bench` part (d)), sampled every 3 ms by its `Footprint`; a step's peak is the largest
 sample taken while it ran (`Runtime.start_timings` gives the steps). Prints one table (markdown) and, with
 --json, the raw figures.
 """
@@ -16,7 +16,6 @@ import argparse
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -32,19 +31,12 @@ def runtime_steps(export_dir: str, threads: int) -> dict:
     from shira_edge.bench.memory import Footprint
     from shira_edge.runtime import Runtime
 
-    footprint, samples, stop = Footprint(), [], threading.Event()
-
-    def sample():
-        while not stop.wait(0.003):
-            samples.append((time.perf_counter(), footprint.sample()[0]))
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    footprint = Footprint(record=True)
     with Runtime(export_dir, threads=threads) as rt:
         done = time.perf_counter()
-        stop.set()
-        sampler.join()
-        timings, path, end = dict(rt.start_timings), rt.switch_path, footprint.sample()[0]
+        end, peak, _ = footprint.stop()
+        timings, path = dict(rt.start_timings), rt.switch_path
+    samples = footprint.samples
     if path != "packed-in-place":
         raise SystemExit(f"{export_dir}: the runtime fell back to {path!r}; nothing to measure")
     total = timings.pop("total")
@@ -53,8 +45,7 @@ def runtime_steps(export_dir: str, threads: int) -> dict:
         inside = [v for t, v in samples if at <= t < at + seconds]
         steps.append({"step": step, "seconds": seconds, "peak_bytes": max(inside, default=0)})
         at += seconds
-    return {"steps": steps, "total_seconds": total, "end_bytes": end,
-            "peak_bytes": max((v for _, v in samples), default=0)}
+    return {"steps": steps, "total_seconds": total, "end_bytes": end, "peak_bytes": peak}
 
 
 def main() -> int:

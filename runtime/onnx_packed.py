@@ -158,15 +158,12 @@ def write_pack_cache(ort, export_model: Path, make_options, out_dir: Path, data_
             saved = {i.name: i for i in onnx_proto.initializers(model.read_bytes())}
             with open(data, "rb") as f:
                 for name, _ in chunk:
-                    blobs = [(k, v) for k, v in saved[name].external.items() if k.startswith("prepacked")]
+                    blobs = saved[name].prepacked_blobs()
                     if len(blobs) != 1:
                         raise PackedPathUnavailable(f"ORT saved {len(blobs)} packed blobs of {name}, not one")
-                    key, value = blobs[0]
-                    kernel, _, where = value.partition("|")
-                    offset, length, checksum = where.split(";")
-                    f.seek(int(offset))
-                    at, _ = out.put(f.read(int(length)))
-                    external[name].append((key, f"{kernel}|{at};{length};{checksum}"))
+                    f.seek(blobs[0].offset)
+                    at, _ = out.put(f.read(blobs[0].length))
+                    external[name].append(blobs[0].at(at))
         finally:
             model.unlink(missing_ok=True)
             data.unlink(missing_ok=True)

@@ -20,6 +20,7 @@ numbers are onnx.proto's (ModelProto.graph = 7, GraphProto.initializer = 5, Tens
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -34,14 +35,31 @@ class Initializer:
     data_type: int = 0
     raw: bytes | None = None   # raw_data of an inline tensor (None when its data is external, or typed fields)
 
+    def prepacked_blobs(self) -> list["PrepackedBlob"]:
+        """ORT's saved prepacked blobs of this tensor, in entry order (one blob per entry: what the CPU kernels save)."""
+        out = []
+        for entry in sorted(k for k in self.external if k.startswith("prepacked_")):
+            key, _, where = self.external[entry].partition("|")
+            offset, length, checksum = where.split(";")[:3]
+            out.append(PrepackedBlob(entry, key, int(offset), int(length), checksum))
+        return out
+
     def prepacked(self) -> list[tuple[str, int, int]]:
         """[(kernel, offset, length)] of ORT's saved prepacked blobs of this tensor, in key order."""
-        out = []
-        for key in sorted(k for k in self.external if k.startswith("prepacked_")):
-            kernel, _, where = self.external[key].partition("|")
-            offset, length, *_ = where.split(";")
-            out.append((kernel.split("+")[0], int(offset), int(length)))
-        return out
+        return [(b.key.split("+")[0], b.offset, b.length) for b in self.prepacked_blobs()]
+
+
+class PrepackedBlob(NamedTuple):
+    """One `prepacked_<n>` external-data entry: "<kernel>+<hash>|<offset>;<length>;<checksum>"."""
+    entry: str
+    key: str
+    offset: int
+    length: int
+    checksum: str
+
+    def at(self, offset: int) -> tuple[str, str]:
+        """The same entry, for the blob copied to `offset`."""
+        return self.entry, f"{self.key}|{offset};{self.length};{self.checksum}"
 
 
 # ---------------------------------------------------------------- wire format

@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 MODES = ("base", "shira", "lora_fused", "lora_unfused", "naive_reload")
@@ -110,10 +111,12 @@ def measure(spec: dict) -> dict:
 
 class Footprint:
     """Samples (VmRSS - RssShmem) + tmpfs bytes of this process's files in a thread until `stop()`:
-    returns (value now, peak, tmpfs bytes now)."""
+    returns (value now, peak, tmpfs bytes now). With record=True every sample is kept in `samples` as
+    (time.perf_counter(), value), for a peak per phase (benchmarks/onnx_startup.py)."""
 
-    def __init__(self, interval: float = 0.003):
+    def __init__(self, interval: float = 0.003, record: bool = False):
         self.peak, self._stop = 0, threading.Event()
+        self.samples: list[tuple[float, int]] | None = [] if record else None
         self._thread = threading.Thread(target=self._loop, args=(interval,), daemon=True)
         self._thread.start()
 
@@ -154,6 +157,8 @@ class Footprint:
         tmpfs = self.tmpfs_bytes()
         value = self.resident() + tmpfs
         self.peak = max(self.peak, value)
+        if self.samples is not None:
+            self.samples.append((time.perf_counter(), value))
         return value, tmpfs
 
     def _loop(self, interval: float) -> None:
