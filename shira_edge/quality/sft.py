@@ -42,14 +42,34 @@ def collate(examples, pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def answer_logits(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, targets) at the positions that predict answer tokens; the LM head runs only from the shortest
-    prompt's last token on (most of every sequence is prompt: the head is a fifth of a small model's compute)."""
-    labels = batch["labels"]
+def shared_prefix(input_ids: torch.Tensor, first_answer: int) -> int:
+    """How many leading tokens every row of the batch has in common, short of the last prompt token before the
+    earliest answer (whose logit predicts that answer's first token, so it must be computed per row)."""
+    head = input_ids[:, :max(first_answer - 1, 0)]
+    differs = (head != head[:1]).any(0)
+    return int(differs.int().argmax()) if bool(differs.any()) else head.shape[1]
+
+
+def answer_logits(model, batch, share_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, targets) at the positions that predict answer tokens. Two savings, both exact in arithmetic:
+    - the LM head runs only from the shortest prompt's last token on (the head is a fifth of a small model's
+      compute, and most of every sequence is prompt);
+    - the prefix every row shares (the chat template's system turn and the task's instruction: 31 of SmolLM2's
+      ~41 tokens) runs once, batch 1, and its keys and values are repeated for the rows. Gradients flow through
+      it as through the full batch, so training and scoring compute the same function with a third of the tokens.
+    """
+    labels, ids, mask = batch["labels"], batch["input_ids"], batch["attention_mask"]
     width = labels.shape[1]
     first = int((labels != IGNORE).int().argmax(1).min())       # earliest answer position in the batch
     keep = width - first + 1
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    shared = shared_prefix(ids, first) if share_prefix and ids.shape[0] > 1 else 0
+    if shared:
+        cache = model(input_ids=ids[:1, :shared], use_cache=True).cache
+        cache.batch_repeat_interleave(ids.shape[0])
+        logits = model(input_ids=ids[:, shared:], attention_mask=mask, cache=cache, use_cache=True,
+                       logits_to_keep=keep).logits
+    else:
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
     targets = torch.cat([labels[:, width - keep + 1:], torch.full_like(labels[:, :1], IGNORE)], dim=1)
     return logits, targets
 

@@ -238,7 +238,7 @@ def _fuse(plan, lab, data, label, seed, kept, device, base_dir, work, progress) 
     for t in (t1, t2):
         alone = kept[t][0]["test"]
         fused = lab.score(data[t]["test"], [d1, d2], batch_size=plan.eval_batch)
-        fused_best = lab.score(data[t]["test"], [d1, d2], [best, best], plan.eval_batch)
+        fused_best = fused if best == 1.0 else lab.score(data[t]["test"], [d1, d2], [best, best], plan.eval_batch)
         row[t] = {"alone": alone, "fused": fused.to_json(), "fused_best": fused_best.to_json()}
         torch_correct[t] = (fused, fused_best)
     if device is not None and kept[t1][1]["adapter_dir"] is not None:
@@ -254,7 +254,7 @@ def _fuse(plan, lab, data, label, seed, kept, device, base_dir, work, progress) 
         for t in (t1, t2):
             alone = device.exact(data[t]["test"], str(shira[t]))
             fused = device.exact(data[t]["test"], pair, [1.0, 1.0])
-            fused_best = device.exact(data[t]["test"], pair, [best, best])
+            fused_best = fused if best == 1.0 else device.exact(data[t]["test"], pair, [best, best])
             row[t]["device"] = {
                 "alone": _rate(alone[0]), "fused": _rate(fused[0]), "fused_best": _rate(fused_best[0]),
                 # per example, the runtime's greedy answers against the host's teacher-forced ones: right/wrong
