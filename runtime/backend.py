@@ -19,6 +19,9 @@ packed there (None: stored as is, row-major `tensor_shape`; else an object with 
 `elements(offsets)` and `size`, e.g. `layout.TablePacking(table, size)` built from a probe on this machine).
 Entries that share a tensor (slices of a fused qkv) share its start and packing.
 
+Proving a packed path live: `live_patch_self_test(flat, tensors, probe)` is the start-up self-test both packed
+backends run before they accept a switch (see its docstring).
+
     >>> m = {"weights": [{"name": "q", "shape": [2, 3], "tensor": "qkv", "layout": "as_is", "file": "d",
     ...       "offset": 0, "digest": "", "patchable": True, "tensor_shape": [4, 3]},
     ...      {"name": "k", "shape": [2, 3], "tensor": "qkv", "layout": "as_is", "file": "d", "offset": 0,
@@ -30,6 +33,7 @@ Entries that share a tensor (slices of a fused qkv) share its start and packing.
 
 from __future__ import annotations
 
+import re
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Callable, Protocol
@@ -102,3 +106,54 @@ def _check_map(name, layout, out, inp, shape, out_offset, perm) -> None:
                         f"tensor_shape {list(shape)} ({layout}); re-export")
     if perm is not None and (perm.shape != (out,) or not np.array_equal(np.sort(perm), np.arange(out))):
         raise SlotError(f"manifest.json: {name}: row_perm must be a permutation of 0..{out - 1}; re-export")
+
+
+SELF_TEST_FACTOR = np.float32(2.0)   # each tested tensor is multiplied by this in place, then restored
+
+
+class SelfTestFailed(RuntimeError):
+    """A patch written into `flat` did not reach the kernels, or restoring it did not give the output back."""
+
+
+def self_test_tensors(tensors) -> list:
+    """The tensors the self-test patches: every one of the first and the last layer, and one per layer in between,
+    its role taken in turn (q, k, v, ...), so every layer and every role is seen. Each test is a forward pass that
+    streams all weights (25-50 ms on opt-125m), so testing all 72-210 tensors would add seconds to every start.
+    What it guards against is a runtime computing some weight from a private copy (ORT: a graph rewrite at load
+    whose kernel looks up another key and packs its own; XNNPACK: a weight repacked on the heap), and runtimes do
+    that by pattern: the same role in every layer, with the first and the last layer the ones whose neighbours
+    differ. Names without a layer number are all tested."""
+    tensors = list(tensors)
+    layers: dict[int, list] = {}
+    for slot in tensors:
+        match = re.search(r"\.(\d+)\.", slot.name)
+        layers.setdefault(int(match.group(1)) if match else -1, []).append(slot)
+    if -1 in layers or len(layers) <= 2:
+        return tensors
+    order = sorted(layers)
+    chosen = layers[order[0]] + layers[order[-1]]
+    for i, layer in enumerate(order[1:-1]):
+        chosen.append(layers[layer][i % len(layers[layer])])
+    return chosen
+
+
+def live_patch_self_test(flat: np.ndarray, tensors, probe: Callable[[], np.ndarray]) -> None:
+    """Multiply each tensor of `self_test_tensors(tensors)` in place by SELF_TEST_FACTOR: probe() (the output for
+    a fixed short input) must move each time, so the runtime computes that tensor from `flat`; restore it. Then the
+    output must be bit-identical to before. The whole tensor (slot.start .. + packing.size), because one element or
+    one column can sit behind a dead ReLU or sum to nothing after a LayerNorm. Raises SelfTestFailed naming the
+    tensor."""
+    base = probe()
+    for slot in self_test_tensors(tensors):
+        block = flat[slot.start: slot.start + slot.packing.size]
+        saved = np.array(block)
+        try:
+            block *= SELF_TEST_FACTOR
+            moved = not np.array_equal(probe(), base)
+        finally:
+            block[:] = saved
+        if not moved:
+            raise SelfTestFailed(f"a patch of {slot.name} in the packed weights did not change the output (the "
+                                 f"runtime computes it from a private copy)")
+    if not np.array_equal(probe(), base):
+        raise SelfTestFailed("restoring the patched tensors did not give the base output back bit for bit")

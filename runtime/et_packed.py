@@ -17,7 +17,9 @@ Start-up (`PackedProgram`), all of it before the runtime accepts a switch:
    weights; nr differs per CPU), and the block's contents decide: every element of the export's weight must sit
    where `XnnpackPackedFC` puts it, bit for bit. A weight packed elsewhere (onto the heap, twice, in another
    layout) fails here.
-4. **Self-test.** Patch one packed element: the logits must move; restore it: they must be bit-identical again.
+4. **Self-test** (backend.live_patch_self_test). Double a weight's whole packed block: the logits must move;
+   restore it. Every weight of the first and the last layer and one per layer in between, roles in turn; then the
+   logits must be bit-identical to before.
 
 Any failure raises PackedPathUnavailable with the reason; the ExecuTorch backend then falls back to reloading.
 
@@ -38,14 +40,12 @@ import numpy as np
 from . import tmpfs
 from .et_compat import read_xnn_cache_index
 from .et_native import NativeProgram, NativeUnavailable
-from .backend import slots_from_manifest
-from .layout import buffer_positions
+from .backend import SelfTestFailed, live_patch_self_test, slots_from_manifest
 from .manifest import tensor_shape
 
 NR_CANDIDATES = (4, 8, 16, 24, 32, 48, 64, 96, 128)   # output-block widths XNNPACK's f32 GEMM kernels use
 PROBE_ELEMENTS = 257   # elements of each weight compared in its packed block
-SELF_TEST_IDS = np.array([2, 3, 4, 5], np.int64)
-SELF_TEST_DELTA = np.float32(8.0)   # added to one packed weight: far above the logits' rounding
+SELF_TEST_IDS = np.array([2, 3], np.int64)   # two tokens: with one, attention ignores the keys
 
 
 class PackedPathUnavailable(RuntimeError):
@@ -194,23 +194,15 @@ class PackedProgram:
     # ------------------------------------------------------------------ self-test
 
     def _self_test(self) -> None:
-        slot = next((s for s in reversed(self.slots.values()) if s.patchable), None)
-        if slot is None:
+        """backend.live_patch_self_test on two tokens: the whole packed block of each tested weight (its bias lanes
+        too) doubled in the cache file must move the logits, and restoring must give them back bit for bit."""
+        tensors = {s.start: s for s in self.slots.values() if s.patchable}.values()
+        if not tensors:
             raise PackedPathUnavailable("no patchable weight to test a live patch on")
-        at = int(buffer_positions(slot, np.array([0]))[0])
-        saved = self.flat[at].copy()
-        before = self.forward(SELF_TEST_IDS, 0)
         try:
-            self.flat[at] = saved + SELF_TEST_DELTA
-            moved = not np.array_equal(self.forward(SELF_TEST_IDS, 0), before)
-        finally:
-            self.flat[at] = saved
-        if not moved:
-            raise PackedPathUnavailable(f"a patch of {slot.name} in the cache file did not change the output "
-                                        f"(XNNPACK computes from a copy)")
-        if not np.array_equal(self.forward(SELF_TEST_IDS, 0), before):
-            raise PackedPathUnavailable(f"restoring {slot.name} in the cache file did not restore the output bit "
-                                        f"for bit")
+            live_patch_self_test(self.flat, tensors, lambda: self.forward(SELF_TEST_IDS, 0))
+        except SelfTestFailed as exc:
+            raise PackedPathUnavailable(f"self-test: {exc} (XNNPACK does not compute from the cache file)") from None
 
     # ------------------------------------------------------------------ running
 

@@ -27,9 +27,9 @@ Start-up (`PackedInPlace`), all of it before the runtime accepts a switch:
    (fallocate PUNCH_HOLE), and the logits must stay bit-identical; if not, they are written back. Every patchable
    tensor's packed blob must equal the export's tensor placed through the probed layout, bit for bit (padding
    zero).
-5. **Self-test.** Double a patchable tensor in the packed cache: the logits must move; restore it. Every tensor of
-   the first and the last layer, and one per layer in between, roles in turn (`self_test_tensors`); then the
-   logits must be bit-identical to before.
+5. **Self-test** (backend.live_patch_self_test). Double a patchable tensor in the packed cache: the logits must
+   move; restore it. Every tensor of the first and the last layer, and one per layer in between, roles in turn;
+   then the logits must be bit-identical to before.
 
 Any failure raises PackedPathUnavailable with the reason; the ONNX backend then falls back to rebuilding sessions.
 
@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -52,6 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from . import onnx_proto, tmpfs
+from .backend import SelfTestFailed, live_patch_self_test
 from .layout import MlasPackedB, TablePacking, tensor_shape
 from .manifest import tensor_shape as entry_tensor_shape
 
@@ -386,45 +386,12 @@ class PackedInPlace:
         return freed
 
     def self_test(self, logits_of, ids) -> None:
-        """Double each tensor of `self_test_tensors()` in turn: the output must move each time (so the session computes
-        it from its mapped blob, not from a private copy); then, all restored, it must be bit-identical to before.
-        The whole tensor, because one element or one column can sit behind a dead ReLU or sum to nothing after a
-        LayerNorm; two tokens, because with one, attention ignores the keys."""
-        before, short = logits_of(self._session, ids), ids[:, :2]
-        base = logits_of(self._session, short)
-        for slot in self.self_test_tensors():
-            blob = self.flat[slot.start: slot.start + slot.packing.size]
-            saved = np.array(blob)
-            try:
-                blob *= np.float32(2.0)
-                moved = not np.array_equal(logits_of(self._session, short), base)
-            finally:
-                blob[:] = saved
-            if not moved:
-                raise PackedPathUnavailable(f"self-test: a patch of {slot.name} in the packed cache did not change "
-                                            f"the output (this ORT build does not compute it from the mapped packed "
-                                            f"weights)")
-        if not np.array_equal(logits_of(self._session, ids), before):
-            raise PackedPathUnavailable("self-test: restoring the patched tensors did not give the base output back")
-
-    def self_test_tensors(self) -> list:
-        """The tensors the self-test patches: every one of the first and the last layer, and one per layer in between,
-        its role taken in turn (q, k, v, ...), so every layer and every role is seen. Each test is a forward pass that
-        streams all weights (~50 ms on opt-125m), so testing all 72-210 tensors would add 4-12 s to every start. What
-        it guards against is a graph rewrite at load (a MatMul turned into another op, whose kernel then looks up a
-        different key and packs a private copy), and ORT rewrites by pattern: the same role in every layer, with
-        the first and the last layer the ones whose neighbours differ. Names without a layer number are all tested."""
-        layers: dict[int, list] = {}
-        for slot in self.tensors():
-            match = re.search(r"\.(\d+)\.", slot.name)
-            layers.setdefault(int(match.group(1)) if match else -1, []).append(slot)
-        if -1 in layers or len(layers) <= 2:
-            return list(self.tensors())
-        order = sorted(layers)
-        chosen = layers[order[0]] + layers[order[-1]]
-        for i, layer in enumerate(order[1:-1]):
-            chosen.append(layers[layer][i % len(layers[layer])])
-        return chosen
+        """backend.live_patch_self_test on two tokens (with one, attention ignores the keys)."""
+        try:
+            live_patch_self_test(self.flat, self.tensors(), lambda: logits_of(self._session, ids[:, :2]))
+        except SelfTestFailed as exc:
+            raise PackedPathUnavailable(f"self-test: {exc} (this ORT build does not compute from the mapped packed "
+                                        f"weights)") from None
 
     def close(self) -> None:
         self._session = self.flat = None   # the mapping goes with its last reference; the tmpfs file with the fd

@@ -147,7 +147,9 @@ def fresh_warnings(monkeypatch):
 
 def test_failed_self_test_falls_back_to_reloading_and_never_sees_a_patched_cache(packed, shiras, et_dir,
                                                                                 monkeypatch, fresh_warnings):
-    monkeypatch.setattr(et_packed, "SELF_TEST_DELTA", np.float32(0.0))   # the patch cannot move the output
+    from shira_edge.runtime import backend
+
+    monkeypatch.setattr(backend, "SELF_TEST_FACTOR", np.float32(1.0))   # the patch cannot move the output
     with pytest.warns(PackedPathWarning, match="did not change the output.*falling back to reloading"):
         rt = Runtime(et_dir)
     with rt:
@@ -161,6 +163,33 @@ def test_failed_self_test_falls_back_to_reloading_and_never_sees_a_patched_cache
             assert np.array_equal(rt.run(IDS), _fresh_logits(et_dir))
         finally:
             packed.switch(None)
+
+
+def test_one_weight_computed_from_a_private_copy_fails_the_self_test(et_dir, monkeypatch, fresh_warnings):
+    # What XNNPACK repacking one weight on its heap would look like: writes into that weight's block in the cache
+    # file no longer reach the kernels. The other weights stay live, so only a test of that tensor can see it.
+    real = et_packed.live_patch_self_test
+    seen = {}
+
+    class OneDeadBlock:
+        def __init__(self, flat, victim):
+            self.flat, self.victim = flat, victim
+
+        def __getitem__(self, key):
+            block = self.flat[key]
+            return np.array(block) if key.start == self.victim.start else block
+
+    def with_a_dead_block(flat, tensors, probe):
+        tensors = list(tensors)
+        seen["victim"] = victim = tensors[len(tensors) // 2]
+        return real(OneDeadBlock(flat, victim), tensors, probe)
+
+    monkeypatch.setattr(et_packed, "live_patch_self_test", with_a_dead_block)
+    with pytest.warns(PackedPathWarning, match="did not change the output") as caught:
+        with Runtime(et_dir) as rt:
+            assert rt.switch_path == "reload"
+    reasons = [str(w.message) for w in caught if issubclass(w.category, PackedPathWarning)]
+    assert len(reasons) == 1 and seen["victim"].name in reasons[0]
 
 
 def test_a_layout_not_found_here_falls_back(et_dir, monkeypatch, fresh_warnings):
