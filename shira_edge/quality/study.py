@@ -40,7 +40,7 @@ class Plan:
     r: int = 4                           # SmolLM2-135M: 1.15 % of the targeted weights
     steps: int = 48
     batch: int = 8
-    lrs: tuple[float, ...] = (1e-3, 3e-3)
+    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)   # SHiRA's best lr was at the top of (1e-3, 3e-3): docs/quality.md
     sweep_tasks: tuple[str, ...] = ("translate",)
     seeds: tuple[int, ...] = (0, 1)
     n_val: int = 100
