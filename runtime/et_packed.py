@@ -146,11 +146,13 @@ class PackedProgram:
             # Each shape's layout is checked on every element of its first weight; every weight is then checked
             # on PROBE_ELEMENTS elements spread over it, which a block of another weight would fail.
             self._layouts: dict[tuple, XnnpackPackedFC] = {}
-            self._ptd = np.memmap(data_file, "<f4", mode="r", shape=(os.path.getsize(data_file) // 4,))
+            # Read with pread, not a mapping: mapped, the probed pages (and the fault-around pages next to each)
+            # counted in this process's RSS until unmapped, +406 MiB on SmolLM2, which made the start-up's peak.
+            self._ptd = os.open(data_file, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 self.slots = slots_from_manifest(manifest, Path(data_file).parent, lambda w: self._place(w, index))
             finally:
-                del self._ptd   # a kept mapping would keep the probed pages resident
+                os.close(self._ptd)
             self._self_test()
         except BaseException:
             self.close()
@@ -174,15 +176,22 @@ class PackedProgram:
         block = self.flat[offset // 4: (offset + nbytes) // 4]
         packing = self._layouts.get((rows, cols, block.size)) or self._probe_layout(w, rows, cols, block)
         probe = np.linspace(0, rows * cols - 1, PROBE_ELEMENTS).astype(np.int64)
-        stored = np.asarray(self._ptd[w["offset"] // 4 + probe])
+        stored = np.concatenate([self._read(w, int(e), 1) for e in probe])
         if not np.array_equal(block[packing.positions(probe)], stored):
             raise PackedPathUnavailable(f"{w['name']}: its packed block in XNNPACK's cache file does not hold this "
                                         f"weight where the {rows}x{cols} layout found here puts it")
         return offset // 4, packing
 
+    def _read(self, w: dict, element: int, count: int) -> np.ndarray:
+        """`count` float32 of weight entry w from the .ptd, from its element `element` on."""
+        data = os.pread(self._ptd, 4 * count, w["offset"] + 4 * element)
+        if len(data) != 4 * count:
+            raise PackedPathUnavailable(f"{w['name']}: the .ptd ends inside this weight (re-export)")
+        return np.frombuffer(data, "<f4")
+
     def _probe_layout(self, w: dict, rows: int, cols: int, block: np.ndarray) -> XnnpackPackedFC:
         """The packing of the first tensor of each shape: the nr whose layout holds every element, bit for bit."""
-        tensor = np.asarray(self._ptd[w["offset"] // 4: w["offset"] // 4 + rows * cols]).reshape(rows, cols)
+        tensor = self._read(w, 0, rows * cols).reshape(rows, cols)
         for nr in NR_CANDIDATES:
             packing = XnnpackPackedFC(cols, rows, nr)
             if packing.size == block.size and np.array_equal(packing.unpack(block), tensor):
