@@ -54,7 +54,7 @@ def answer_logits(model, batch, share_prefix: bool = True) -> tuple[torch.Tensor
     """(logits, targets) at the positions that predict answer tokens. Two savings, both exact in arithmetic:
     - the LM head runs only from the shortest prompt's last token on (the head is a fifth of a small model's
       compute, and most of every sequence is prompt);
-    - the prefix every row shares (the chat template's system turn and the task's instruction: 31 of SmolLM2's
+    - the prefix every row shares (the chat template's system turn and the task's instruction: 29 of SmolLM2's
       ~41 tokens) runs once, batch 1, and its keys and values are repeated for the rows. Gradients flow through
       it as through the full batch, so training and scoring compute the same function with a third of the tokens.
     """
