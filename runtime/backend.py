@@ -115,6 +115,15 @@ class SelfTestFailed(RuntimeError):
     """A patch written into `flat` did not reach the kernels, or restoring it did not give the output back."""
 
 
+def patchable_tensors(slots) -> list:
+    """One patchable slot per distinct backend tensor (slices of a fused tensor share its start)."""
+    seen: dict[int, object] = {}
+    for slot in slots:
+        if slot.patchable:
+            seen.setdefault(slot.start, slot)
+    return list(seen.values())
+
+
 def self_test_tensors(tensors) -> list:
     """The tensors the self-test patches: every one of the first and the last layer, and one per layer in between,
     its role taken in turn (q, k, v, ...), so every layer and every role is seen. Each test is a forward pass that
@@ -137,12 +146,15 @@ def self_test_tensors(tensors) -> list:
     return chosen
 
 
-def live_patch_self_test(flat: np.ndarray, tensors, probe: Callable[[], np.ndarray]) -> None:
-    """Multiply each tensor of `self_test_tensors(tensors)` in place by SELF_TEST_FACTOR: probe() (the output for
+def live_patch_self_test(flat: np.ndarray, slots, probe: Callable[[], np.ndarray]) -> None:
+    """Multiply each tensor of `self_test_tensors(patchable_tensors(slots))` in place by SELF_TEST_FACTOR: probe() (the output for
     a fixed short input) must move each time, so the runtime computes that tensor from `flat`; restore it. Then the
     output must be bit-identical to before. The whole tensor (slot.start .. + packing.size), because one element or
     one column can sit behind a dead ReLU or sum to nothing after a LayerNorm. Raises SelfTestFailed naming the
     tensor."""
+    tensors = patchable_tensors(slots)
+    if not tensors:
+        raise SelfTestFailed("no patchable weight to test a live patch on")
     base = probe()
     for slot in self_test_tensors(tensors):
         block = flat[slot.start: slot.start + slot.packing.size]

@@ -42,6 +42,7 @@ from .et_compat import read_xnn_cache_index
 from .et_native import NativeProgram, NativeUnavailable
 from .backend import SelfTestFailed, live_patch_self_test, slots_from_manifest
 from .manifest import tensor_shape
+from .patch import PinnedFile
 
 NR_CANDIDATES = (4, 8, 16, 24, 32, 48, 64, 96, 128)   # output-block widths XNNPACK's f32 GEMM kernels use
 PROBE_ELEMENTS = 257   # elements of each weight compared in its packed block
@@ -148,11 +149,11 @@ class PackedProgram:
             self._layouts: dict[tuple, XnnpackPackedFC] = {}
             # Read with pread, not a mapping: mapped, the probed pages (and the fault-around pages next to each)
             # counted in this process's RSS until unmapped, +406 MiB on SmolLM2, which made the start-up's peak.
-            self._ptd = os.open(data_file, os.O_RDONLY | os.O_CLOEXEC)
+            self._ptd = PinnedFile(data_file)
             try:
                 self.slots = slots_from_manifest(manifest, Path(data_file).parent, lambda w: self._place(w, index))
             finally:
-                os.close(self._ptd)
+                del self._ptd
             self._self_test()
         except BaseException:
             self.close()
@@ -176,22 +177,15 @@ class PackedProgram:
         block = self.flat[offset // 4: (offset + nbytes) // 4]
         packing = self._layouts.get((rows, cols, block.size)) or self._probe_layout(w, rows, cols, block)
         probe = np.linspace(0, rows * cols - 1, PROBE_ELEMENTS).astype(np.int64)
-        stored = np.concatenate([self._read(w, int(e), 1) for e in probe])
+        stored = np.frombuffer(b"".join(self._ptd.pread(w["offset"] + 4 * int(e), 4) for e in probe), "<f4")
         if not np.array_equal(block[packing.positions(probe)], stored):
             raise PackedPathUnavailable(f"{w['name']}: its packed block in XNNPACK's cache file does not hold this "
                                         f"weight where the {rows}x{cols} layout found here puts it")
         return offset // 4, packing
 
-    def _read(self, w: dict, element: int, count: int) -> np.ndarray:
-        """`count` float32 of weight entry w from the .ptd, from its element `element` on."""
-        data = os.pread(self._ptd, 4 * count, w["offset"] + 4 * element)
-        if len(data) != 4 * count:
-            raise PackedPathUnavailable(f"{w['name']}: the .ptd ends inside this weight (re-export)")
-        return np.frombuffer(data, "<f4")
-
     def _probe_layout(self, w: dict, rows: int, cols: int, block: np.ndarray) -> XnnpackPackedFC:
         """The packing of the first tensor of each shape: the nr whose layout holds every element, bit for bit."""
-        tensor = self._read(w, 0, rows * cols).reshape(rows, cols)
+        tensor = np.frombuffer(self._ptd.pread(w["offset"], 4 * rows * cols), "<f4").reshape(rows, cols)
         for nr in NR_CANDIDATES:
             packing = XnnpackPackedFC(cols, rows, nr)
             if packing.size == block.size and np.array_equal(packing.unpack(block), tensor):
@@ -205,11 +199,8 @@ class PackedProgram:
     def _self_test(self) -> None:
         """backend.live_patch_self_test on two tokens: the whole packed block of each tested weight (its bias lanes
         too) doubled in the cache file must move the logits, and restoring must give them back bit for bit."""
-        tensors = {s.start: s for s in self.slots.values() if s.patchable}.values()
-        if not tensors:
-            raise PackedPathUnavailable("no patchable weight to test a live patch on")
         try:
-            live_patch_self_test(self.flat, tensors, lambda: self.forward(SELF_TEST_IDS, 0))
+            live_patch_self_test(self.flat, self.slots.values(), lambda: self.forward(SELF_TEST_IDS, 0))
         except SelfTestFailed as exc:
             raise PackedPathUnavailable(f"self-test: {exc} (XNNPACK does not compute from the cache file)") from None
 

@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from . import onnx_proto, tmpfs
-from .backend import SelfTestFailed, live_patch_self_test
+from .backend import SelfTestFailed, live_patch_self_test, patchable_tensors
 from .layout import MlasPackedB, TablePacking, tensor_shape
 from .manifest import tensor_shape as entry_tensor_shape
 
@@ -348,12 +348,7 @@ class PackedInPlace:
         return True
 
     def tensors(self):
-        """One patchable slot per distinct backend tensor."""
-        seen = {}
-        for s in self.slots.values():
-            if s.patchable:
-                seen.setdefault(s.start, s)
-        return seen.values()
+        return patchable_tensors(self.slots.values())
 
     def verify_layout(self) -> None:
         """Every patchable packed blob equals the export's tensor placed through the probed layout, bit for bit."""
@@ -388,7 +383,7 @@ class PackedInPlace:
     def self_test(self, logits_of, ids) -> None:
         """backend.live_patch_self_test on two tokens (with one, attention ignores the keys)."""
         try:
-            live_patch_self_test(self.flat, self.tensors(), lambda: logits_of(self._session, ids[:, :2]))
+            live_patch_self_test(self.flat, self.slots.values(), lambda: logits_of(self._session, ids[:, :2]))
         except SelfTestFailed as exc:
             raise PackedPathUnavailable(f"self-test: {exc} (this ORT build does not compute from the mapped packed "
                                         f"weights)") from None

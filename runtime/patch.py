@@ -104,7 +104,7 @@ class BaseChanged(RuntimeError):
     """The export's data file was modified in place (or truncated) since the runtime loaded it."""
 
 
-class _PinnedFile:
+class PinnedFile:
     """One data file, opened when the runtime loaded the export and read with pread for as long as it runs: a file
     replaced by rename (a re-export with --force, an update) no longer matters to it."""
 
@@ -131,7 +131,7 @@ class _PinnedFile:
 
 @dataclass
 class _Pin:
-    file: _PinnedFile
+    file: PinnedFile
     identity: tuple | None   # the file's identity when its bytes were last known to be the slot's; None: unknown
 
 
@@ -144,11 +144,11 @@ def pin_base(slots) -> None:
 
     Backends (or the Runtime) call this once, right after reading their buffers; a slot never pinned is pinned
     on its first read_base, which then checks its bytes against the manifest digest first."""
-    files: dict[Path, _PinnedFile] = {}
+    files: dict[Path, PinnedFile] = {}
     for slot in slots:
         if slot.file is None:
             continue
-        pinned = files.get(slot.file) or files.setdefault(slot.file, _PinnedFile(slot.file))
+        pinned = files.get(slot.file) or files.setdefault(slot.file, PinnedFile(slot.file))
         with _PINS_LOCK:
             _PINS[slot] = _Pin(pinned, pinned.identity())
 
@@ -163,7 +163,7 @@ def read_base(slot: Slot, positions: np.ndarray) -> np.ndarray:
     with _PINS_LOCK:
         pin = _PINS.get(slot)
     if pin is None:
-        pin = _Pin(_PinnedFile(slot.file), None)
+        pin = _Pin(PinnedFile(slot.file), None)
         with _PINS_LOCK:
             pin = _PINS.setdefault(slot, pin)
     now = pin.file.identity()
@@ -183,7 +183,7 @@ def read_base(slot: Slot, positions: np.ndarray) -> np.ndarray:
     return span[at - lo].astype(np.float32)
 
 
-def _verify(slot: Slot, file: _PinnedFile) -> None:
+def _verify(slot: Slot, file: PinnedFile) -> None:
     if not slot.digest:   # a hand-made slot (tests, tools) has no digest to check against
         return
     rows, cols = tensor_shape(slot)
