@@ -44,7 +44,9 @@ def parse(argv):
     p.add_argument("--data-dir", help=f"where the dictd files are (default {FULL.data_dir})")
     p.add_argument("--methods", nargs="+", choices=METHODS, help="subset of methods (default: all)")
     p.add_argument("--seeds", type=int, nargs="+", help=f"adapter seeds (default {' '.join(map(str, FULL.seeds))})")
-    p.add_argument("--lrs", type=float, nargs="+", help="learning-rate grid, the same for every method")
+    p.add_argument("--lrs", type=float, nargs="+",
+                   help="one learning-rate grid for every method (default: each method's own two points, "
+                        "LR_GRIDS in shira_edge/quality/study.py; the 3-point grid run was --lrs 1e-3 3e-3 1e-2)")
     p.add_argument("--steps", type=int, help=f"optimizer steps per adapter (default {FULL.steps})")
     p.add_argument("--batch", type=int, help=f"examples per step (default {FULL.batch})")
     p.add_argument("--n-val", type=int, help=f"validation entries per task (default {FULL.n_val})")
@@ -78,7 +80,10 @@ def make_plan(args) -> Plan:
                "device": False if args.no_device else None, "threads": args.threads}
     plan = dataclasses.replace(plan, **{k: v for k, v in changes.items() if v is not None})
     if not args.quick:
-        cut = [f"{f.name} {getattr(plan, f.name)!r} (full: {getattr(FULL, f.name)!r})"
+        def full(name):
+            return "each method's LR_GRIDS pair" if name == "lrs" else repr(getattr(FULL, name))
+
+        cut = [f"{f.name} {getattr(plan, f.name)!r} (full: {full(f.name)})"
                for f in dataclasses.fields(Plan) if f.name not in ("export", "data_dir", "threads", "reduced")
                and getattr(plan, f.name) != getattr(FULL, f.name)]
         plan = dataclasses.replace(plan, reduced="; ".join(cut) if cut else None)
