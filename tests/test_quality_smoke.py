@@ -164,6 +164,17 @@ def test_the_sweep_table_marks_the_rates_outside_a_methods_grid(result):
     assert "lr grid 0.01, 0.02 (lora); 0.02 (dora, shira-rand" in text
 
 
+def test_compare_finds_the_one_shared_value_that_differs(result):
+    spec = importlib.util.spec_from_file_location("quality_compare", ROOT / "benchmarks" / "quality_compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    equal, diffs = compare.compare(result, result)
+    assert equal > len(result["runs"]) and diffs == []
+    changed = json.loads(json.dumps(result))
+    changed["fusion"][2]["acronym"]["fused"]["loss"] += 1e-6
+    assert len(compare.compare(result, changed)[1]) == 1
+
+
 def test_the_full_study_estimate_comes_from_measured_times(result):
     import dataclasses
 

@@ -30,7 +30,7 @@ TASK_SEED_OFFSET = 100
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # Two points per method, where a grid of (1e-3, 3e-3, 1e-2) for every method found its optimum (docs/quality.md,
-# "The 3-point grid run"): masks that do not come from gradients train best at 3x LoRA's lr, grad and snip
+# "The full run"): masks that do not come from gradients train best at 3x LoRA's lr, grad and snip
 # diverge there. In that run no method chose the point its pair leaves out, so the pairs choose as it did.
 LR_GRIDS = {"lora": (1e-3, 3e-3), "dora": (1e-3, 3e-3), "shira-grad": (1e-3, 3e-3), "shira-snip": (1e-3, 3e-3),
             "shira-rand": (3e-3, 1e-2), "shira-wm": (3e-3, 1e-2), "shira-struct": (3e-3, 1e-2)}
@@ -245,13 +245,13 @@ def _fuse(plan, lab, data, label, seed, kept, device, base_dir, work, progress) 
     best = max(plan.fusion_scales, key=lambda s: (val_means[s], s == 1.0))
     row["val_exact_by_scale"] = {str(s): v for s, v in val_means.items()}
     row["best_scale"] = best
-    torch_correct = {}
+    host_fused = {}
     for t in (t1, t2):
         alone = kept[t][0]["test"]
         fused = lab.score(data[t]["test"], [d1, d2], batch_size=plan.eval_batch)
         fused_best = fused if best == 1.0 else lab.score(data[t]["test"], [d1, d2], [best, best], plan.eval_batch)
         row[t] = {"alone": alone, "fused": fused.to_json(), "fused_best": fused_best.to_json()}
-        torch_correct[t] = fused
+        host_fused[t] = fused
     if device is not None and kept[t1][1]["adapter_dir"] is not None:
         from shira_edge.pack import pack_adapter
 
@@ -262,16 +262,17 @@ def _fuse(plan, lab, data, label, seed, kept, device, base_dir, work, progress) 
             pack_adapter(kept[t][1]["adapter_dir"], shira[t], model=str(base_dir))
         pack_s = time.perf_counter() - packing
         # The fused pair at scale 1.0 only. One adapter and other scales go through the same switch (the
-        # runtime tests check it bit for bit against a fresh export of the same weights); answering them too cost
-        # 8 of the 3-point grid run's 81 min and agreed with the host on every entry (docs/quality.md).
+        # runtime tests check it bit for bit against a fresh export of the same weights); answering them too made
+        # SHiRA's fusion rows 21 min of the 3-point grid run instead of 11, and agreed with the host on every entry
+        # (docs/quality.md).
         for t in (t1, t2):
             fused = device.exact(data[t]["test"], [str(shira[t1]), str(shira[t2])], [1.0, 1.0])
             row[t]["device"] = {
                 "fused": _rate(fused[0]),
                 # per example, the runtime's greedy answers against the host's teacher-forced ones: right/wrong
                 # alike, and the same first token
-                "agreement_fused": _agree(fused[0], torch_correct[t].correct),
-                "first_token_agreement": _agree(fused[1], torch_correct[t].first)}
+                "agreement_fused": _agree(fused[0], host_fused[t].correct),
+                "first_token_agreement": _agree(fused[1], host_fused[t].first)}
     row["wall_s"], row["pack_s"] = time.perf_counter() - start, pack_s
     progress(f"  fused {label:<12} seed {seed}: " + "; ".join(
         f"{t} {row[t]['alone']['exact']:.1%} -> {row[t]['fused']['exact']:.1%} (x{best:g}: "
@@ -385,7 +386,7 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def _grids(grids: dict[str, Any]) -> str:
-    """{"lora": (1e-3, 3e-3), "dora": (1e-3, 3e-3), ...} -> "1e-3, 3e-3 (lora, dora); ..."."""
+    """{"lora": (1e-3, 3e-3), "dora": (1e-3, 3e-3), ...} -> "0.001, 0.003 (lora, dora); ..."."""
     by_grid: dict[tuple, list[str]] = {}
     for name, grid in grids.items():
         by_grid.setdefault(tuple(grid), []).append(name)
